@@ -1,0 +1,48 @@
+"""gradguard: keeps deep-learning training healthy.
+
+It watches gradients and activations while a PyTorch model trains, clips gradients
+adaptively, and says in plain words what is going wrong and what to try. It attaches hooks
+to your model and optimizer and detaches cleanly; it never replaces them.
+
+    import gradguard as gg
+    guard = gg.attach(model, optimizer)
+    ...train as usual...
+    print(guard.report())
+"""
+
+from ._activations import ActivationMonitor
+from ._clipping import ClipStrategy, NormClip, ValueClip
+from ._errors import (
+    ConfigurationError,
+    GradGuardError,
+    GradGuardWarning,
+    GradientAlarmError,
+    MissingDependencyError,
+)
+from ._events import Event
+from ._guard import GradGuard, HostView, attach
+from ._sinks import LoggingSink, MemorySink, Sink
+from ._spike import SpikeDetector
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ActivationMonitor",
+    "ClipStrategy",
+    "ConfigurationError",
+    "Event",
+    "GradGuard",
+    "GradGuardError",
+    "GradGuardWarning",
+    "GradientAlarmError",
+    "HostView",
+    "LoggingSink",
+    "MemorySink",
+    "MissingDependencyError",
+    "NormClip",
+    "Sink",
+    "SpikeDetector",
+    "ValueClip",
+    "__version__",
+    "attach",
+]

@@ -1,0 +1,97 @@
+"""The error tree and the warning class users can catch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "ConfigurationError",
+    "GradGuardError",
+    "GradGuardWarning",
+    "GradientAlarmError",
+    "MissingDependencyError",
+]
+
+
+class GradGuardError(Exception):
+    """Root of every error gradguard raises."""
+
+
+class ConfigurationError(GradGuardError, ValueError):
+    """A bad argument, raised at construction."""
+
+    @classmethod
+    def bad_value(cls, name: str, value: Any, allowed: str) -> ConfigurationError:
+        return cls(f"{name}={value!r} is not valid: {allowed}")
+
+    @classmethod
+    def not_one_of(cls, name: str, value: Any, choices: Iterable[Any]) -> ConfigurationError:
+        listed = ", ".join(repr(c) for c in choices)
+        return cls(f"{name}={value!r} is not valid: expected one of {listed}")
+
+
+class MissingDependencyError(GradGuardError, ImportError):
+    """An optional integration was used without its extra installed."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(
+            f"this feature needs the '{package}' package, which is not installed: "
+            f"pip install 'gradguard[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra
+
+
+class GradientAlarmError(GradGuardError, RuntimeError):
+    """Raised by ``on_nonfinite="raise"`` (and ``on_spike`` policies that raise)."""
+
+    def __init__(self, message: str, *, step: int, layers: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.step = step
+        self.layers = layers
+
+
+class GradGuardWarning(UserWarning):
+    """Every warning gradguard emits (rank zero only, rate-limited per kind)."""
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigurationError.not_one_of(name, value, choices)
+
+
+def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError.bad_value(name, value, "expected an integer")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise ConfigurationError.bad_value(name, value, f"expected an integer {bound}")
+    return value
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Validate a real number inside an interval and return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError.bad_value(name, value, "expected a number")
+    number = float(value)
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ConfigurationError.bad_value(name, value, "expected a finite number")
+    too_low = low is not None and (number <= low if low_open else number < low)
+    too_high = high is not None and (number >= high if high_open else number > high)
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        raise ConfigurationError.bad_value(name, value, f"expected a number in {left}{lo}, {hi}{right}")
+    return number

@@ -1,0 +1,143 @@
+"""Where statistics and Events go: the Sink protocol and the two sinks the core ships."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol, runtime_checkable
+
+from ._errors import GradGuardWarning, check_number
+from ._events import Event
+
+__all__ = ["LoggingSink", "MemorySink", "Sink"]
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Anything that receives gradguard's output.
+
+    ``log_scalars`` gets one dict per logging step (metric key -> float), ``log_event`` one
+    call per Event. ``flush`` and ``close`` are called on ``detach()``. A sink that raises
+    is disabled with one warning; training goes on.
+    """
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None: ...
+
+    def log_event(self, event: Event) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MemorySink:
+    """Keeps every scalar and Event in memory: for tests, notebooks and ``report()``.
+
+    ``scalars`` maps a metric key to ``[(step, value), ...]``; ``events`` lists Events oldest first.
+    """
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+        self.events: list[Event] = []
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        for key, value in scalars.items():
+            self.scalars.setdefault(key, []).append((step, value))
+
+    def log_event(self, event: Event) -> None:
+        self.events.append(event)
+
+    def latest(self, key: str) -> float:
+        """The last value logged under ``key`` (KeyError if never logged)."""
+        return self.scalars[key][-1][1]
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class LoggingSink:
+    """Writes to Python ``logging``: scalars at DEBUG, Events at INFO (errors at ERROR).
+
+    Events of one kind are rate-limited to one record per ``min_interval_s`` seconds; the
+    next record says how many were suppressed in between.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger | str = "gradguard",
+        *,
+        min_interval_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logging.getLogger(logger) if isinstance(logger, str) else logger
+        self.min_interval_s = check_number("min_interval_s", min_interval_s, low=0.0)
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            body = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+            self.logger.debug("step %d: %s", step, body)
+
+    def log_event(self, event: Event) -> None:
+        now = self._clock()
+        last = self._last.get(event.kind)
+        if last is not None and now - last < self.min_interval_s:
+            self._suppressed[event.kind] = self._suppressed.get(event.kind, 0) + 1
+            return
+        self._last[event.kind] = now
+        suppressed = self._suppressed.pop(event.kind, 0)
+        extra = f" ({suppressed} similar suppressed)" if suppressed else ""
+        level = logging.ERROR if event.severity == "error" else logging.INFO
+        self.logger.log(level, "%s%s", event, extra)
+
+    def flush(self) -> None:
+        for handler in self.logger.handlers:
+            handler.flush()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class SinkSet:
+    """Fans output out to several sinks; a sink that raises is disabled with one warning."""
+
+    def __init__(self, sinks: Iterable[Sink]) -> None:
+        self.sinks: list[Sink] = list(sinks)
+        self.disabled: list[Sink] = []
+
+    def add(self, sink: Sink) -> None:
+        self.sinks.append(sink)
+
+    def _call(self, method: str, *args: object) -> None:
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, method)(*args)
+            except Exception as exc:  # a failing backend never stops training
+                self.sinks.remove(sink)
+                self.disabled.append(sink)
+                warnings.warn(
+                    f"gradguard disabled the sink {type(sink).__name__} after it raised "
+                    f"{type(exc).__name__}: {exc}. Training goes on; other sinks still receive data.",
+                    GradGuardWarning,
+                    stacklevel=3,
+                )
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        if scalars:
+            self._call("log_scalars", scalars, step)
+
+    def log_event(self, event: Event) -> None:
+        self._call("log_event", event)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def close(self) -> None:
+        self._call("close")

@@ -1,0 +1,51 @@
+"""Small models and data shared by the tests (synthetic tensors and sklearn's bundled digits)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+
+def mlp(sizes: list[int], act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+@lru_cache(maxsize=1)
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8x8 digits (1797 samples, no download), standardised."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    y = torch.tensor(data.target, dtype=torch.long)
+    return x, y
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[float]:
+    """A plain classification loop on digits; returns the losses."""
+    x, y = digits()
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    return losses
