@@ -165,6 +165,10 @@ def resolve_clip(clip: object) -> ClipStrategy | None:
     if clip is None or isinstance(clip, ClipStrategy):
         return clip
     if isinstance(clip, (int, float)) and not isinstance(clip, bool):
+        if not clip > 0 or clip == float("inf"):
+            raise ConfigurationError.bad_value(
+                "clip", clip, "a float means the max global norm and must be > 0 and finite"
+            )
         return NormClip(max_norm=float(clip))
     raise ConfigurationError.bad_value(
         "clip",

@@ -110,7 +110,9 @@ class GradNormComputer:
                 sharded_sq.index_add_(0, index, norms.square())
             else:
                 # Divide by the largest norm before squaring so 1e20 does not overflow float32.
-                peak = norms.amax().clamp_min(torch.finfo(torch.float32).tiny)
+                # The peak comes from finite norms only, so one NaN layer leaves the others intact.
+                finite_norms = torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms))
+                peak = finite_norms.amax().clamp_min(torch.finfo(torch.float32).tiny)
                 scaled = (norms / peak).square()
                 part = torch.zeros_like(layer_sq).index_add_(0, index, scaled)
                 layer_sq = layer_sq + part * peak.square()

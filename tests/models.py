@@ -47,5 +47,5 @@ def train_steps(
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
