@@ -319,7 +319,8 @@ class GradGuard:
         self._seen_arrival: set[str] = set()
         for param, layer_index in zip(layout.params, layout.param_layer):
             if hasattr(param, "register_post_accumulate_grad_hook"):
-                handle = param.register_post_accumulate_grad_hook(make_hook(layout.names[layer_index]))
+                hook = make_hook(layout.names[layer_index])
+                handle = param.register_post_accumulate_grad_hook(hook)  # type: ignore[no-untyped-call]
                 self._order_handles.append(handle)
 
     def _finish_backward_order(self) -> None:
@@ -358,10 +359,10 @@ class GradGuard:
             return loss
 
         new_args, new_kwargs = list(args), dict(kwargs)
-        if where == "kwargs":
-            new_kwargs["closure"] = guarded_closure
-        else:
+        if isinstance(where, int):
             new_args[where] = guarded_closure
+        else:
+            new_kwargs["closure"] = guarded_closure
         return tuple(new_args), new_kwargs
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -458,7 +459,7 @@ class GradGuard:
         if logging_step:
             snapshot = None
             if self._track_updates:
-                snapshot = torch._foreach_mul([_local(p.detach()) for p in layout.params], 1.0)
+                snapshot = list(torch._foreach_mul([_local(p.detach()) for p in layout.params], 1.0))
             self._log_step = _LogStep(step, norms, clip_result, zscore, snapshot)
         self._step = step + 1
         self._in_step = True
@@ -495,7 +496,7 @@ class GradGuard:
         buffer.copy_(packet, non_blocking=True)
         event: Any = None
         if packet.device.type == "cuda":
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record()
         self._pending.append((step, event, buffer))
         if len(self._pending) > 8 and self._pending[0][1] is not None:
@@ -576,7 +577,7 @@ class GradGuard:
         # Called while handling flags that are already on the host; the running mean is read
         # with .tolist() on the CPU copy. On an accelerator this is a small extra copy that
         # happens only on the (rare) steps that spiked.
-        return float(self.spike.running_norm().cpu().tolist())
+        return float(self.spike.running_norm().cpu().reshape(1).tolist()[0])
 
     def _raise_nonfinite(self, step: int, norms: GradNorms) -> None:
         layout = self._layout
@@ -622,7 +623,7 @@ class GradGuard:
         param_norm = layer_norms_of(param_tensors, layout.param_layer, layout.num_layers, self._device)
         add([f"{p}/param_norm/{n}" for n in layout.names], param_norm)
         if log.snapshot is not None:
-            deltas = torch._foreach_sub(param_tensors, log.snapshot)
+            deltas = list(torch._foreach_sub(param_tensors, log.snapshot))
             update = layer_norms_of(deltas, layout.param_layer, layout.num_layers, self._device)
             ratio = update / param_norm.clamp_min(1e-12)
             add([f"{p}/update_ratio/{n}" for n in layout.names], ratio)
