@@ -47,8 +47,10 @@ class ClipContext:
 
     def scale_layers_(self, layer_coef: torch.Tensor) -> None:
         """Multiply each layer's gradients by its entry of ``layer_coef`` ([num_layers])."""
-        index = torch.tensor(self.norms.grad_layer, device=layer_coef.device, dtype=torch.long)
-        per_tensor = layer_coef.index_select(0, index)
+        index = self.norms.grad_layer_index
+        if index is None:
+            index = torch.tensor(self.norms.grad_layer, dtype=torch.long).to(layer_coef.device)
+        per_tensor = layer_coef.index_select(0, index.to(layer_coef.device))
         locals_ = [_local(g) for g in self.norms.grads]
         coefs = [c.to(g.device, g.dtype) for c, g in zip(per_tensor.unbind(0), locals_)]
         torch._foreach_mul_(locals_, coefs)
@@ -116,7 +118,8 @@ class NormClip(ClipStrategy):
         return {"max_norm": self.max_norm, "per_layer": self.per_layer}
 
     def clip_(self, ctx: ClipContext) -> ClipResult:
-        threshold = torch.tensor(self.max_norm, device=ctx.device, dtype=torch.float32)
+        # torch.full launches a fill kernel; torch.tensor(x, device=cuda) would copy (and sync).
+        threshold = torch.full((), self.max_norm, device=ctx.device, dtype=torch.float32)
         if self.per_layer:
             layer_coef = coef_for(ctx.norms.layer, threshold)
             ctx.scale_layers_(layer_coef)
@@ -156,7 +159,7 @@ class ValueClip(ClipStrategy):
         for grad, new in zip(locals_, clamped):
             grad.copy_(new)
         coef = (after / (ctx.norms.total + _EPS)).clamp(max=1.0)
-        threshold = torch.tensor(float("nan"), device=ctx.device)
+        threshold = torch.full((), float("nan"), device=ctx.device)
         return ClipResult(threshold, coef, (coef < 1.0 - 1e-6).float())
 
 

@@ -38,6 +38,7 @@ class GradNorms:
     present: torch.Tensor
     grads: list[torch.Tensor]
     grad_layer: list[int]
+    grad_layer_index: torch.Tensor | None = None  # grad_layer on the device (cached)
 
 
 class GradNormComputer:
@@ -83,6 +84,9 @@ class GradNormComputer:
         for i in present:
             mask[self.layout.param_layer[i]] = True
         self._present_mask = mask.to(self.device)
+        order = [self.layout.param_layer[i] for members, _, _ in self._groups for i in members]
+        # Built once per gradient pattern: a host->device copy here would sync every step.
+        self._grad_layer_index = torch.tensor(order, dtype=torch.long).to(self.device)
         self._cache_key = present
 
     def compute(self, grad_scale: torch.Tensor | None = None) -> GradNorms:
@@ -127,7 +131,9 @@ class GradNormComputer:
             # Fused optimizers under GradScaler see scaled gradients: report unscaled norms.
             layer = layer / grad_scale.to(self.device, torch.float32)
         total = torch.linalg.vector_norm(layer)
-        return GradNorms(layer, total, self._present_mask, grads, grad_layer)
+        return GradNorms(
+            layer, total, self._present_mask, grads, grad_layer, self._grad_layer_index
+        )
 
 
 def layer_norms_of(tensors: list[torch.Tensor], tensor_layer: list[int], num_layers: int,
