@@ -1,13 +1,77 @@
 """The words gradguard uses: messages that state the evidence and advice that fits it.
 
-Our own wording of the catalogue in the project's ADVICE notes (symptom -> causes -> remedies).
+Our own wording of the catalogue in the project's ADVICE notes (symptom -> causes ->
+remedies). A message states what was measured, with the numbers; the advice names the one
+or two remedies that fit that evidence, never the whole list.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["nonfinite_text", "spike_text"]
+__all__ = [
+    "ModelTraits",
+    "exploding_text",
+    "fmt",
+    "nonfinite_text",
+    "spike_text",
+    "times",
+    "vanishing_text",
+]
+
+# Initialisation scale, written as std(W) * sqrt(fan_in): PyTorch's default for Linear and
+# Conv is 1/sqrt(3) ~ 0.58, LeCun/Xavier (square) 1, He (Kaiming, for ReLU) sqrt(2) ~ 1.41.
+HE_GAIN = math.sqrt(2.0)
+LARGE_INIT_GAIN = 2.0
+SMALL_INIT_GAIN = 0.8
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """What the model is made of, as far as the advice needs to know.
+
+    ``saturating``: names of the sigmoid/tanh-like activations found (module classes, or
+    "sigmoid/tanh" when only their saturation metrics were seen). ``recurrent``: the class
+    name of a recurrent module (``"RNN"``, ``"LSTM"``, ``"GRU"``) or ``None``.
+    ``init_gain``: the median ``std(W) * sqrt(fan_in)`` of the weight layers when first
+    measured. ``clipping``: a clip strategy is active.
+    """
+
+    saturating: tuple[str, ...] = ()
+    relu_family: bool = False
+    recurrent: str | None = None
+    normalised: bool = False
+    init_gain: float | None = None
+    clipping: bool = False
+
+
+def fmt(value: float) -> str:
+    """A norm or ratio in 2-3 significant digits: ``0.52``, ``6.3e-09``, ``1.2e+05``."""
+    if value != value:
+        return "nan"
+    if value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
+    if 100 <= abs(value) < 1e4:
+        return f"{value:.0f}"
+    if 1e-3 <= abs(value) < 100:
+        return f"{value:.3g}"
+    return f"{value:.1e}"
+
+
+def times(ratio: float) -> str:
+    """A factor for prose: ``120x``, ``3,100x``, ``10^7.9x``."""
+    if not ratio > 0 or ratio in (float("inf"),):
+        return "inf-x"
+    if ratio < 10:
+        return f"{ratio:.1f}x"
+    if ratio < 1e5:
+        return f"{ratio:,.0f}x"
+    return f"10^{math.log10(ratio):.1f}x"
 
 
 def _names(layers: Sequence[str], limit: int = 3) -> str:
@@ -35,12 +99,12 @@ def nonfinite_text(
     message = f"Gradient is NaN/Inf {where}; {outcome}"
     if not layers or len(layers) == total_layers:
         advice = (
-            "check the loss for log(0), division by zero or sqrt of a negative; "
-            "lower the learning rate"
+            "check the loss for log(0), division by zero or sqrt of a negative number, "
+            "and lower the learning rate"
         )
     else:
         advice = (
-            f"look at the forward pass of {_names(layers, 1)} for overflow (exp, large "
+            f"look at the forward pass of {_names(layers, 1)} for an overflow (exp, very large "
             "activations); lower the learning rate and clip gradients (clip=gg.AutoClip())"
         )
     if policy == "warn":
@@ -50,14 +114,150 @@ def nonfinite_text(
 
 
 def spike_text(norm: float, running: float, zscore: float, skipped: bool) -> tuple[str, str]:
+    """Message and advice for a total gradient norm far above its running mean."""
     ratio = norm / running if running > 0 else float("inf")
     message = (
-        f"Gradient norm spiked to {norm:.3g}, {ratio:.1f}x its running mean {running:.3g} "
-        f"(z-score {zscore:.1f})"
-        + ("; gradguard skipped the step." if skipped else ".")
+        f"Gradient norm spiked to {fmt(norm)}, {ratio:.1f}x its running mean {fmt(running)} "
+        f"(z-score {zscore:.1f})" + ("; gradguard skipped the step." if skipped else ".")
     )
-    advice = (
-        "a bad batch or too high a learning rate for this phase: lower the learning rate or "
-        "add warm-up, and clip spikes with clip=gg.ZClip() (or on_spike='skip')."
+    if skipped:
+        advice = (
+            "if spikes keep coming, lower the learning rate or lengthen the warm-up; "
+            "clip=gg.ZClip() tames them without skipping."
+        )
+    else:
+        advice = (
+            "a bad batch or too high a learning rate for this phase: lower the learning rate or "
+            "add warm-up, and clip spikes with clip=gg.ZClip() (or on_spike='skip')."
+        )
+    return message, advice
+
+
+def _still(first_step: int | None) -> str:
+    return "" if first_step is None else f"Still present (first reported at step {first_step}): "
+
+
+def vanishing_text(
+    layers: Sequence[str],
+    worst_norm: float,
+    reference_layers: Sequence[str],
+    reference_norm: float,
+    orders: float,
+    checks: int,
+    traits: ModelTraits,
+    *,
+    update_ratio: float | None = None,
+    first_step: int | None = None,
+) -> tuple[str, str]:
+    """Gradient norms collapse from the output side toward the input side."""
+    message = (
+        f"{_still(first_step)}Vanishing gradients: the gradient norm falls {times(10**orders)} "
+        f"from the output side ({_names(reference_layers, 2)}: median {fmt(reference_norm)}) "
+        f"to the input side ({_names(layers)}: {fmt(worst_norm)} at worst), "
+        f"over {checks} consecutive checks"
     )
+    if update_ratio is not None:
+        message += (
+            f"; '{layers[0]}' moves its weights by {fmt(update_ratio)} of their norm per step"
+        )
+    message += "."
+    if traits.saturating:
+        kinds = "/".join(traits.saturating)
+        advice = (
+            f"the {kinds} activations shrink the gradient at every layer (sigmoid's slope is "
+            "at most 1/4): use ReLU or GELU hidden units with He (Kaiming) init, and add "
+            "BatchNorm/LayerNorm between the layers."
+        )
+    elif traits.recurrent == "RNN":
+        advice = (
+            "a plain RNN forgets long-range gradients: use an LSTM or GRU (forget-gate bias "
+            "near 1), or shorten the sequences (truncated backprop)."
+        )
+    elif traits.init_gain is not None and traits.init_gain < SMALL_INIT_GAIN:
+        advice = (
+            f"the weights start small (std x sqrt(fan_in) = {traits.init_gain:.2g}; He init "
+            f"uses {HE_GAIN:.2g}): initialise with nn.init.kaiming_normal_ (ReLU) or "
+            "xavier_normal_ (tanh), or add BatchNorm/LayerNorm or residual connections."
+        )
+    else:
+        advice = (
+            "add BatchNorm/LayerNorm or residual (skip) connections so the gradient reaches "
+            "the early layers, and check the initialisation (He for ReLU, Xavier for tanh)."
+        )
+    return message, advice
+
+
+def _exploding_detail(
+    evidence: str, layers: Sequence[str], value: float, info: Mapping[str, Any]
+) -> str:
+    shown = _names(layers)
+    if evidence == "profile":
+        return (
+            f"the gradient norm grows {times(value)} from the output side "
+            f"({_names(info['reference'], 2)}: median {fmt(info['reference_norm'])}) to the "
+            f"input side ({shown}: {fmt(info['worst_norm'])} at worst)"
+        )
+    if evidence == "scale":
+        return (
+            f"the gradients are {times(value)} the size of the weights (median over "
+            f"{info['layers_counted']} weight layers; worst {shown}: gradient norm "
+            f"{fmt(info['grad'])} vs weight norm {fmt(info['weight'])})"
+        )
+    return (
+        f"the total gradient norm rose to {fmt(info['total'])}, {times(value)} its early "
+        f"level of {fmt(info['baseline'])}, most in {shown}"
+    )
+
+
+def exploding_text(
+    evidence: str,
+    layers: Sequence[str],
+    value: float,
+    info: Mapping[str, Any],
+    checks: int,
+    traits: ModelTraits,
+    *,
+    first_step: int | None = None,
+) -> tuple[str, str]:
+    """Gradients too large, on one of three pieces of ``evidence``.
+
+    ``"profile"`` (``info``: reference, reference_norm, worst_norm), ``"scale"`` (grad,
+    weight, layers_counted) or ``"rise"`` (total, baseline); ``value`` is the ratio.
+    """
+    detail = _exploding_detail(evidence, layers, value, info)
+    message = (
+        f"{_still(first_step)}Exploding gradients: {detail}, over {checks} consecutive checks."
+    )
+    clip = (
+        "clipping is already on, which bounds the step but not the cause: "
+        if traits.clipping
+        else ""
+    )
+    if traits.recurrent is not None:
+        advice = (
+            f"{clip}the recurrent weights amplify the gradient at every time step: "
+            "initialise them orthogonally or smaller (spectral radius below 1)"
+            + ("" if traits.clipping else " and clip the gradient norm (clip=gg.AutoClip())")
+            + ("; an LSTM or GRU is steadier." if traits.recurrent == "RNN" else ".")
+        )
+    elif evidence == "rise":
+        advice = f"{clip}the learning rate is too high for this phase: lower it or add warm-up" + (
+            "." if traits.clipping else ", and clip with clip=gg.AutoClip() (or gg.ZClip())."
+        )
+    elif traits.init_gain is not None and traits.init_gain >= LARGE_INIT_GAIN:
+        advice = (
+            f"{clip}the weights start too large (std x sqrt(fan_in) = {traits.init_gain:.2g}; "
+            f"He init uses {HE_GAIN:.2g}): re-initialise with Xavier/He (nn.init.kaiming_normal_)"
+            + (
+                ", and lower the learning rate."
+                if traits.clipping
+                else ", and clip with clip=gg.AutoClip() meanwhile."
+            )
+        )
+    else:
+        advice = (
+            f"{clip}lower the learning rate"
+            + ("" if traits.clipping else " and clip with clip=gg.AutoClip()")
+            + "; check the initialisation scale (Xavier/He) and add normalisation layers."
+        )
     return message, advice

@@ -1,38 +1,478 @@
-"""Detectors over logging-step statistics, and the human-readable report."""
+"""Gradient-flow diagnosis: vanishing and exploding gradients read from the depth profile.
+
+Runs on logging steps over numbers already on the host (``HostView``): no extra sync.
+
+Depth order is the guard's: the reverse of the order in which layers received their
+gradients in the first backward pass (input first), or module registration order when no
+backward was seen. Only layers with real depth count ("weight layers": Linear, Conv, RNN,
+MultiheadAttention, and custom modules owning a matrix); biases-only modules, norm layers
+(BatchNorm, LayerNorm, GroupNorm, RMSNorm) and embeddings are left out, because their
+gradients are naturally small or sparse and would fake a profile.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+import math
+import statistics
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from ._guard import Detector, GradGuard
+from torch import nn
 
-__all__ = ["build_report", "build_summary", "default_detectors"]
+from ._advice import ModelTraits, exploding_text, vanishing_text
+from ._errors import ConfigurationError, check_number, check_positive_int
+from ._events import Event
+from ._report import build_report, build_summary
+
+if TYPE_CHECKING:
+    from ._guard import Detector, HostView
+    from ._layers import LayerLayout
+
+__all__ = ["GradientFlowDetector", "build_report", "build_summary", "default_detectors"]
+
+_WEIGHT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.modules.conv._ConvNd,
+    nn.RNNBase,
+    nn.RNNCellBase,
+    nn.MultiheadAttention,
+)
+_NO_DEPTH_TYPES: tuple[type[nn.Module], ...] = tuple(
+    t
+    for t in (
+        nn.Embedding,
+        nn.EmbeddingBag,
+        nn.modules.batchnorm._NormBase,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.LocalResponseNorm,
+        getattr(nn, "RMSNorm", None),
+    )
+    if isinstance(t, type)
+)
+_NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
+    t for t in _NO_DEPTH_TYPES if t not in (nn.Embedding, nn.EmbeddingBag)
+)
+_SATURATING_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Softsign,
+    nn.Hardsigmoid,
+)
+_RELU_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+)
+# Names that mark a custom module's matrix as a lookup table rather than a layer with depth.
+_TABLE_WORDS = ("embed", "pos", "token", "cls")
+_KINDS = ("vanishing", "exploding")
+
+
+def _finite(value: float) -> bool:
+    return value == value and value not in (float("inf"), float("-inf"))
+
+
+def _is_weight_layer(module: nn.Module, owned: list[tuple[str, int]]) -> bool:
+    """``owned``: (parameter name, ndim) of the parameters this layer owns and trains."""
+    if isinstance(module, _NO_DEPTH_TYPES):
+        return False
+    if isinstance(module, _WEIGHT_TYPES):
+        return any(ndim >= 2 for _, ndim in owned)
+    return any(
+        ndim >= 2 and not any(word in name.lower() for word in _TABLE_WORDS) for name, ndim in owned
+    )
+
+
+class GradientFlowDetector:
+    """Finds vanishing and exploding gradients in the per-layer gradient norms.
+
+    Each logging step, the weight layers' gradient norms are read in depth order (input
+    first) on a log10 scale, and compared by the median of the output-side third against
+    the median of the input-side third (robust to one odd layer, and to the size of any one
+    layer):
+
+    * **vanishing**: the output side's median is at least ``orders`` powers of ten above the
+      input side's (default 2, i.e. 100x; healthy MLPs, CNNs with BatchNorm and small
+      transformers measured within 0.6). Layers with an exactly zero gradient say "no
+      signal" (an unused branch, or dead units upstream, reported by the activation
+      monitor) and are left out.
+    * **exploding**, on any of three pieces of evidence: the profile the other way round
+      (input side ``orders`` powers of ten above the output side); the gradients dwarf the
+      weights (median over weight layers of ``||grad|| / ||weights||`` at least
+      ``grad_to_weight``, default 100, healthy runs stay below about 1); or the total norm
+      rose ``rise_orders`` powers of ten (default 2) above its early level, the median of
+      the first ``baseline_checks`` logging steps.
+
+    A condition must hold on ``patience`` consecutive logging steps (default 3) before the
+    Event; while it persists, a "still present" Event follows every ``repeat_every`` steps
+    (default 1000); it is over once it has been absent ``patience`` logging steps in a row.
+    ``min_layers`` weight layers with a gradient are needed to read a profile (default 3).
+    ``grad_to_weight=None`` or ``rise_orders=None`` turns that piece of evidence off (e.g.
+    ``grad_to_weight`` under a loss summed over very large batches).
+
+    Update ratios (``||update|| / ||weights||``) are quoted in the message but do not trip
+    the detector: adaptive optimizers flatten them, and per-group learning rates (layer-wise
+    decay when fine-tuning, frozen-ish groups) make them fall toward the input on purpose.
+
+    Use it through ``GradGuard(detectors=[gg.GradientFlowDetector(orders=3)])``; the default
+    guard runs one with these defaults.
+    """
+
+    def __init__(
+        self,
+        *,
+        orders: float = 2.0,
+        grad_to_weight: float | None = 100.0,
+        rise_orders: float | None = 2.0,
+        patience: int = 3,
+        min_layers: int = 3,
+        baseline_checks: int = 3,
+        repeat_every: int = 1000,
+    ) -> None:
+        self.orders = check_number("orders", orders, low=0.0, low_open=True)
+        self.grad_to_weight = (
+            None
+            if grad_to_weight is None
+            else check_number("grad_to_weight", grad_to_weight, low=0.0, low_open=True)
+        )
+        self.rise_orders = (
+            None
+            if rise_orders is None
+            else check_number("rise_orders", rise_orders, low=0.0, low_open=True)
+        )
+        self.patience = check_positive_int("patience", patience)
+        self.min_layers = check_positive_int("min_layers", min_layers)
+        if self.min_layers < 2:
+            raise ConfigurationError.bad_value(
+                "min_layers", min_layers, "expected an integer >= 2 (a profile needs two ends)"
+            )
+        self.baseline_checks = check_positive_int("baseline_checks", baseline_checks)
+        self.repeat_every = check_positive_int("repeat_every", repeat_every)
+        # From bind(): weight layer name -> rows (sum of the first dims of its matrices).
+        self._rows: dict[str, int] | None = None
+        self._static_traits: dict[str, Any] = {}
+        self._reset()
+        self.last_profile: dict[str, Any] = {}
+        self.latest_activity: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientFlowDetector(orders={self.orders}, grad_to_weight={self.grad_to_weight}, "
+            f"rise_orders={self.rise_orders}, patience={self.patience}, "
+            f"min_layers={self.min_layers}, repeat_every={self.repeat_every})"
+        )
+
+    def _reset(self) -> None:
+        self._streak = dict.fromkeys(_KINDS, 0)
+        self._clear = dict.fromkeys(_KINDS, 0)
+        self._active: dict[str, int] = {}
+        self._last_emitted: dict[str, int] = {}
+        self._early_total: list[float] = []
+        self._early_layer: dict[str, list[float]] = {}
+        self._init_gain: float | None = None
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, model: nn.Module, layout: LayerLayout) -> None:
+        """Learn which layers have depth and what the model is made of (shapes only, no sync)."""
+        owned: dict[str, list[tuple[str, int]]] = {}
+        rows: dict[str, int] = {}
+        for param, index, qualified in zip(layout.params, layout.param_layer, layout.param_names):
+            name = layout.names[index]
+            owned.setdefault(name, []).append((qualified.rsplit(".", 1)[-1], param.ndim))
+            if param.ndim >= 2:
+                rows[name] = rows.get(name, 0) + int(param.shape[0])
+        self._rows = {
+            name: rows.get(name, 1)
+            for name, params in owned.items()
+            if _is_weight_layer(layout.modules.get(name, model), params)
+        }
+        modules = list(model.modules())
+        saturating = sorted(
+            {
+                type(m).__name__
+                for m in modules
+                if isinstance(m, _SATURATING_TYPES) and not isinstance(m, nn.ReLU6)
+            }
+        )
+        recurrent = next(
+            (type(m).__name__ for m in modules if isinstance(m, (nn.RNNBase, nn.RNNCellBase))), None
+        )
+        if recurrent == "RNNCell":
+            recurrent = "RNN"
+        self._static_traits = {
+            "saturating": tuple(saturating),
+            "relu_family": any(isinstance(m, _RELU_TYPES) for m in modules),
+            "recurrent": recurrent,
+            "normalised": any(isinstance(m, _NORM_TYPES) for m in modules),
+        }
+
+    def is_weight_layer(self, name: str) -> bool:
+        """Whether ``name`` counts for the depth profile (every layer, before ``bind``)."""
+        return self._rows is None or name in self._rows
+
+    def _traits(self, view: HostView) -> ModelTraits:
+        saturating = tuple(self._static_traits.get("saturating", ()))
+        if not saturating and any(
+            key.startswith(f"{view.prefix}/saturation/") for key in self.latest_activity
+        ):
+            saturating = ("sigmoid/tanh",)
+        return ModelTraits(
+            saturating=saturating,
+            relu_family=bool(self._static_traits.get("relu_family", False)),
+            recurrent=self._static_traits.get("recurrent"),
+            normalised=bool(self._static_traits.get("normalised", False)),
+            init_gain=self._init_gain,
+            clipping=f"{view.prefix}/clip/coef" in view.scalars,
+        )
+
+    # ------------------------------------------------------------------ the check
+    def check(self, view: HostView) -> list[Event]:
+        for key, value in view.scalars.items():
+            if key.startswith((f"{view.prefix}/dead_fraction/", f"{view.prefix}/saturation/")):
+                self.latest_activity[key] = value
+        names: list[str] = []
+        grads: list[float] = []
+        weights: list[float] = []
+        zero: list[str] = []
+        for i, name in enumerate(view.layers):
+            if not view.present[i] or not self.is_weight_layer(name):
+                continue
+            grad = view.grad_norm[i]
+            if not _finite(grad):
+                return []  # the guard reports NaN/Inf itself; no profile from a broken step
+            if grad == 0.0:
+                zero.append(name)
+                continue
+            names.append(name)
+            grads.append(grad)
+            weights.append(view.param_norm[i] if view.param_norm is not None else float("nan"))
+        if not _finite(view.total):
+            return []
+        self._remember_early(view, names, grads, weights)
+        logs = [math.log10(g) for g in grads]
+        self.last_profile = {"step": view.step, "layers": names, "zero_layers": zero}
+
+        findings: dict[str, tuple[str, tuple[str, ...], float, dict[str, Any]] | None] = {}
+        findings["vanishing"] = None
+        findings["exploding"] = None
+        if len(names) >= self.min_layers:
+            k = max(1, len(names) // 3)
+            out_median = statistics.median(logs[-k:])
+            in_median = statistics.median(logs[:k])
+            span = out_median - in_median
+            self.last_profile["orders"] = span
+            reference = names[-k:]
+            if span >= self.orders:
+                order = sorted(range(len(names) - k), key=lambda i: logs[i])
+                worst = [i for i in order if logs[i] <= out_median - self.orders] or order[:k]
+                findings["vanishing"] = (
+                    "profile",
+                    tuple(names[i] for i in worst),
+                    10**span,
+                    {
+                        "orders": span,
+                        "reference": reference,
+                        "reference_norm": 10**out_median,
+                        "worst_norm": grads[worst[0]],
+                        "worst": worst[0],
+                    },
+                )
+            elif -span >= self.orders:
+                order = sorted(range(len(names) - k), key=lambda i: -logs[i])
+                worst = [i for i in order if logs[i] >= out_median + self.orders] or order[:k]
+                findings["exploding"] = (
+                    "profile",
+                    tuple(names[i] for i in worst),
+                    10**-span,
+                    {
+                        "orders": -span,
+                        "reference": reference,
+                        "reference_norm": 10**out_median,
+                        "worst_norm": grads[worst[0]],
+                    },
+                )
+        if findings["exploding"] is None:
+            findings["exploding"] = self._scale_or_rise(view, names, grads, weights)
+
+        traits = self._traits(view)
+        events: list[Event] = []
+        for kind in _KINDS:
+            event = self._debounce(kind, view, findings[kind], traits)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _remember_early(
+        self, view: HostView, names: list[str], grads: list[float], weights: list[float]
+    ) -> None:
+        if self._init_gain is None and self._rows is not None and names:
+            gains = [
+                w / math.sqrt(self._rows[n]) for n, w in zip(names, weights) if _finite(w) and w > 0
+            ]
+            if gains:
+                self._init_gain = statistics.median(gains)
+        if len(self._early_total) < self.baseline_checks and view.total > 0:
+            self._early_total.append(view.total)
+            for name, grad in zip(names, grads):
+                self._early_layer.setdefault(name, []).append(grad)
+
+    def _scale_or_rise(
+        self, view: HostView, names: list[str], grads: list[float], weights: list[float]
+    ) -> tuple[str, tuple[str, ...], float, dict[str, Any]] | None:
+        if self.grad_to_weight is not None and names:
+            ratios = [
+                (g / w, i) for i, (g, w) in enumerate(zip(grads, weights)) if _finite(w) and w > 0
+            ]
+            if ratios:
+                median = statistics.median(r for r, _ in ratios)
+                if median >= self.grad_to_weight:
+                    ranked = sorted(ratios, reverse=True)
+                    worst = [i for r, i in ranked if r >= self.grad_to_weight] or [ranked[0][1]]
+                    top = worst[0]
+                    return (
+                        "scale",
+                        tuple(names[i] for i in worst),
+                        median,
+                        {"grad": grads[top], "weight": weights[top], "layers_counted": len(ratios)},
+                    )
+        if (
+            self.rise_orders is not None
+            and len(self._early_total) >= self.baseline_checks
+            and view.step > 0
+        ):
+            baseline = statistics.median(self._early_total)
+            rise = view.total / baseline if baseline > 0 else 0.0
+            if rise >= 10**self.rise_orders:
+                per_layer: list[tuple[float, str]] = []
+                for i, name in enumerate(names):
+                    early = self._early_layer.get(name)
+                    if early:
+                        per_layer.append((grads[i] / statistics.median(early), name))
+                per_layer.sort(reverse=True)
+                rising = [n for r, n in per_layer if r >= 10**self.rise_orders] or [
+                    n for _, n in per_layer[:3]
+                ]
+                return ("rise", tuple(rising), rise, {"baseline": baseline, "total": view.total})
+        return None
+
+    def _debounce(
+        self,
+        kind: str,
+        view: HostView,
+        finding: tuple[str, tuple[str, ...], float, dict[str, Any]] | None,
+        traits: ModelTraits,
+    ) -> Event | None:
+        if finding is None:
+            self._streak[kind] = 0
+            if kind in self._active:
+                self._clear[kind] += 1
+                if self._clear[kind] >= self.patience:
+                    del self._active[kind]
+                    self._clear[kind] = 0
+            return None
+        self._streak[kind] += 1
+        self._clear[kind] = 0
+        if self._streak[kind] < self.patience:
+            return None
+        first = self._active.get(kind)
+        if (
+            first is not None
+            and view.step - self._last_emitted.get(kind, first) < self.repeat_every
+        ):
+            return None
+        if first is None:
+            self._active[kind] = view.step
+        self._last_emitted[kind] = view.step
+        return self._event(kind, view, finding, traits, first)
+
+    def _event(
+        self,
+        kind: str,
+        view: HostView,
+        finding: tuple[str, tuple[str, ...], float, dict[str, Any]],
+        traits: ModelTraits,
+        first_step: int | None,
+    ) -> Event:
+        evidence, layers, value, info = finding
+        checks = self._streak[kind]
+        if kind == "vanishing":
+            update = None
+            if view.update_ratio is not None and layers:
+                update = view.update_ratio[view.layers.index(layers[0])]
+            message, advice = vanishing_text(
+                layers,
+                info["worst_norm"],
+                info["reference"],
+                info["reference_norm"],
+                info["orders"],
+                checks,
+                traits,
+                update_ratio=update if update else None,
+                first_step=first_step,
+            )
+        else:
+            message, advice = exploding_text(
+                evidence,
+                layers,
+                value,
+                info,
+                checks,
+                traits,
+                first_step=first_step,
+            )
+        details = {"evidence": evidence, "checks": checks, "still_present": first_step is not None}
+        details.update({k: v for k, v in info.items() if k != "worst"})
+        return Event(
+            kind=kind,  # type: ignore[arg-type]
+            step=view.step,
+            layers=layers,
+            value=value,
+            severity="warning",
+            message=message,
+            advice=advice,
+            details=details,
+        )
+
+    # ------------------------------------------------------------------ state
+    def active(self) -> dict[str, int]:
+        """Conditions currently present: kind -> the step they were first reported."""
+        return dict(self._active)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "streak": dict(self._streak),
+            "clear": dict(self._clear),
+            "active": dict(self._active),
+            "last_emitted": dict(self._last_emitted),
+            "early_total": list(self._early_total),
+            "early_layer": {k: list(v) for k, v in self._early_layer.items()},
+            "init_gain": self._init_gain,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._reset()
+        self._streak.update({str(k): int(v) for k, v in state.get("streak", {}).items()})
+        self._clear.update({str(k): int(v) for k, v in state.get("clear", {}).items()})
+        self._active = {str(k): int(v) for k, v in state.get("active", {}).items()}
+        self._last_emitted = {str(k): int(v) for k, v in state.get("last_emitted", {}).items()}
+        self._early_total = [float(v) for v in state.get("early_total", [])]
+        self._early_layer = {
+            str(k): [float(x) for x in v] for k, v in state.get("early_layer", {}).items()
+        }
+        gain = state.get("init_gain")
+        self._init_gain = None if gain is None else float(gain)
 
 
 def default_detectors() -> list[Detector]:
-    return []
-
-
-def build_summary(guard: GradGuard) -> dict[str, Any]:
-    kinds = Counter(event.kind for event in guard.events)
-    return {
-        "step": guard.step,
-        "skipped_steps": guard.skipped_steps,
-        "events": dict(kinds),
-        "healthy": not kinds,
-        "last_scalars": guard.last_scalars,
-    }
-
-
-def build_report(guard: GradGuard) -> str:
-    summary = build_summary(guard)
-    lines = [f"gradguard report after {summary['step']} optimizer steps"]
-    if summary["healthy"]:
-        lines.append("Verdict: healthy - no problem found.")
-    else:
-        lines.append("Verdict: problems found:")
-        for event in guard.events:
-            lines.append(f"  - {event}")
-    return "\n".join(lines)
+    """The detectors a ``GradGuard`` runs unless given ``detectors=``."""
+    return [GradientFlowDetector()]
