@@ -1,0 +1,276 @@
+"""WandbSink: gradguard's metrics, gradient-flow figure and alerts in Weights & Biases.
+
+    import wandb
+    from gradguard.integrations.wandb import WandbSink
+    wandb.init(project="my-project")
+    guard = gg.attach(model, optimizer, sinks=[WandbSink()])      # uses wandb.run
+    # Lightning: WandbSink(run=WandbLogger(...).experiment), or let GradGuardCallback add it
+
+What lands in the run:
+
+- Metrics: one ``run.log`` per logging step with every gradguard key
+  (``gradguard/grad_norm/<layer>``, ...) plus ``gradguard/step``, the training step.
+  ``define_metric("gradguard/*", step_metric="gradguard/step")`` plots every gradguard chart
+  against the training step. Why a step metric and not ``run.log(..., step=step)``: W&B has
+  one step counter per run, shared with your own ``run.log`` calls and required to
+  increase; a gradguard row written with ``step=`` would make W&B drop your own rows that
+  come later with a smaller step (or drop ours). So gradguard never sets the run's step:
+  its row joins the row you are writing (``commit=False``) and is closed by your next
+  ``run.log``; if you log nothing in between two logging steps, gradguard closes its own
+  row first. Under Lightning the written step is ``trainer.global_step``, so gradguard's
+  charts line up with the Trainer's. (If you pass ``step=`` yourself, counting epochs
+  rather than steps, W&B may drop rows that arrive with a step smaller than the run's.)
+- The gradient-flow figure as ``gradguard/gradient_flow`` (a ``wandb.Image``): one bar per
+  layer, input to output, log scale, NaN/Inf in red; on the first logging step, then every
+  ``figure_every_n_logs`` logging steps, and for the last logging step when the sink is
+  flushed (``detach()``, end of fit). Drawing takes ~0.1 s (~0.4 s with 100 layers).
+- Alerts: an Event whose severity is in ``alert_on`` (errors by default: NaN/Inf gradients)
+  calls ``run.alert(title, text, level, wait_duration)``. Per kind, the first one goes out
+  at once, then at most one per ``alert_interval`` seconds; the next alert says how many
+  were held back. A NaN storm gives one alert, not a hundred. W&B sends alerts to Slack or
+  e-mail as set in your W&B user settings.
+
+The sink never finishes the run: whoever started it (you, or Lightning) does.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from gradguard._errors import (
+    GradGuardError,
+    GradGuardWarning,
+    MissingDependencyError,
+    check_choice,
+    check_number,
+    check_positive_int,
+)
+from gradguard._events import Event
+
+from ._figures import (
+    derive_prefix,
+    gradient_flow_from_scalars,
+    is_rank_zero,
+    render_gradient_flow,
+    require,
+    show,
+)
+
+__all__ = ["WandbSink", "alert_text"]
+
+SEVERITIES = ("warning", "error")
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def alert_text(event: Event, held_back: int = 0, since_s: float | None = None) -> str:
+    """The body of a W&B alert: what happened, where, the number, and what to try."""
+    lines = [f"Step {event.step}: {event.message}"]
+    if event.layers:
+        shown = ", ".join(event.layers[:5])
+        more = len(event.layers) - 5
+        shown += f" and {more} more" if more > 0 else ""
+        lines.append(f"Layers (worst first): {shown}.")
+    lines.append(f"Value: {show(event.value)}.")
+    lines.append(f"What to try: {event.advice}")
+    if held_back:
+        when = f" in the {_ago(since_s)} since the last alert" if since_s is not None else ""
+        kind = event.kind.replace("_", " ")
+        lines.append(f"({held_back} more '{kind}' event(s){when} were not alerted separately.)")
+    return "\n".join(lines)
+
+
+class WandbSink:
+    """Sends gradguard's output to a W&B run (see the module docstring for what and where).
+
+    Args:
+        run: the W&B run; ``None`` uses ``wandb.run`` (the run ``wandb.init`` started), read
+            on the first write. Lightning: ``WandbLogger.experiment``.
+        alert_on: Event severities that raise a W&B alert: ``("error",)`` (default),
+            ``("warning", "error")``, or ``()`` for none.
+        alert_interval: seconds between two alerts of one kind (the first goes out at
+            once); also passed to ``run.alert`` as ``wait_duration``.
+        figure_every_n_logs: log the gradient-flow figure on the first logging step, then
+            every this many logging steps (``0``: never).
+        prefix: the metric-key prefix; by default read from the keys the guard sends.
+        clock: seconds for the alert rate limit (tests pass a fake clock).
+
+    ``alerts`` lists the alerts sent (``title``, ``text``, ``level``), the last 100.
+    """
+
+    def __init__(
+        self,
+        run: Any = None,
+        *,
+        alert_on: Iterable[str] | str = ("error",),
+        alert_interval: float = 600.0,
+        figure_every_n_logs: int = 10,
+        prefix: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        try:
+            import wandb
+        except ImportError as error:
+            raise MissingDependencyError("wandb", "wandb") from error
+        self._wandb: Any = wandb
+        severities = (alert_on,) if isinstance(alert_on, str) else tuple(alert_on)
+        for severity in severities:
+            check_choice("alert_on", severity, SEVERITIES)
+        self.alert_on = severities
+        self.alert_interval = check_number("alert_interval", alert_interval, low=0.0)
+        self.figure_every_n_logs = check_positive_int(
+            "figure_every_n_logs", figure_every_n_logs, allow_zero=True
+        )
+        if self.figure_every_n_logs:
+            require("matplotlib", "wandb")
+        self.prefix = prefix
+        self._run: Any = run
+        self._clock = clock
+        self._defined = False
+        self._logs = 0
+        self._open_row_at: int | None = None  # the run's step while our last row is open
+        self._last_alert: dict[str, float] = {}
+        self._held_back: dict[str, int] = {}
+        self.alerts: deque[dict[str, str]] = deque(maxlen=100)
+        self._figures_on = self.figure_every_n_logs > 0
+        self._unpainted: tuple[dict[str, float], int] | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ the run
+    @property
+    def run(self) -> Any:
+        """The W&B run written to (``wandb.run`` at the first write when none was given)."""
+        if self._run is None:
+            self._run = self._wandb.run
+            if self._run is None:
+                raise GradGuardError(
+                    "WandbSink found no W&B run: call wandb.init(...) before training, "
+                    "or pass WandbSink(run=...)"
+                )
+        return self._run
+
+    def _define_metrics(self, run: Any, prefix: str) -> None:
+        self._defined = True
+        step = f"{prefix}/step"
+        run.define_metric(step)
+        run.define_metric(f"{prefix}/*", step_metric=step)
+        run.define_metric(f"{prefix}/grad_norm_total", step_metric=step, summary="max,last")
+        run.define_metric(f"{prefix}/skipped_steps", step_metric=step, summary="max")
+
+    # ------------------------------------------------------------------ Sink protocol
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        if self._closed or not scalars or not is_rank_zero():
+            return
+        if self.prefix is None:
+            self.prefix = derive_prefix(scalars)
+        prefix = self.prefix
+        run = self.run
+        if not self._defined:
+            self._define_metrics(run, prefix)
+        data: dict[str, Any] = {key: float(value) for key, value in scalars.items()}
+        data[f"{prefix}/step"] = step
+        self._logs += 1
+        self._unpainted = None
+        if self._figures_on:
+            if (self._logs - 1) % self.figure_every_n_logs == 0:
+                image = self._figure(scalars, step, prefix)
+                if image is not None:
+                    data[f"{prefix}/gradient_flow"] = image
+            else:
+                self._unpainted = (dict(scalars), step)
+        self._log(run, data)
+
+    def log_event(self, event: Event) -> None:
+        if self._closed or event.severity not in self.alert_on or not is_rank_zero():
+            return
+        now = self._clock()
+        last = self._last_alert.get(event.kind)
+        if last is not None and now - last < self.alert_interval:
+            self._held_back[event.kind] = self._held_back.get(event.kind, 0) + 1
+            return
+        held_back = self._held_back.pop(event.kind, 0)
+        levels = self._wandb.AlertLevel
+        level = levels.ERROR if event.severity == "error" else levels.WARN
+        text = alert_text(event, held_back, None if last is None else now - last)
+        self.run.alert(title=event.title, text=text, level=level, wait_duration=self.alert_interval)
+        self._last_alert[event.kind] = now
+        self.alerts.append({"title": event.title, "text": text, "level": level.value})
+
+    def flush(self) -> None:
+        """Log the figure of the last logging step if it was not drawn, and close
+        gradguard's open history row if nothing else closed it since."""
+        if self._closed or self._run is None:
+            return
+        if self._unpainted is not None and self.prefix is not None:
+            scalars, step = self._unpainted
+            self._unpainted = None
+            image = self._figure(scalars, step, self.prefix)
+            if image is not None:
+                data = {f"{self.prefix}/gradient_flow": image, f"{self.prefix}/step": step}
+                if self._open_row_at is not None and self._run_step(self._run) == self._open_row_at:
+                    self._run.log(data, commit=False)  # joins our still-open row of that step
+                else:
+                    self._log(self._run, data)
+        if self._open_row_at is None:
+            return
+        if self._run_step(self._run) == self._open_row_at:
+            self._run.log({}, commit=True)
+        self._open_row_at = None
+
+    def close(self) -> None:
+        """Flush. The run is left open: whoever started it finishes it."""
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _run_step(run: Any) -> int | None:
+        try:
+            return int(run.step)
+        except Exception:  # e.g. mode="shared" runs cannot say; then we commit our own rows
+            return None
+
+    def _log(self, run: Any, data: dict[str, Any]) -> None:
+        now = self._run_step(run)
+        if now is None:
+            run.log(data)
+            return
+        if self._open_row_at is not None and now == self._open_row_at:
+            # Nobody closed our previous row since we wrote it: close it before this one
+            # (otherwise this row's values would overwrite it).
+            run.log({}, commit=True)
+            now += 1
+        run.log(data, commit=False)
+        self._open_row_at = now
+
+    def _figure(self, scalars: Mapping[str, float], step: int, prefix: str) -> Any:
+        flow = gradient_flow_from_scalars(scalars, step, prefix)
+        if flow is None:
+            return None
+        try:
+            pixels = render_gradient_flow(flow)
+        except Exception as error:  # a figure never costs the metrics: turn figures off
+            self._figures_on = False
+            warnings.warn(
+                f"gradguard could not draw the gradient-flow figure ({type(error).__name__}: "
+                f"{error}); WandbSink goes on without figures.",
+                GradGuardWarning,
+                stacklevel=3,
+            )
+            return None
+        return self._wandb.Image(pixels, caption=f"gradient flow at step {step}")
+
+    def __repr__(self) -> str:
+        return f"WandbSink(run={getattr(self._run, 'name', None)!r}, alert_on={self.alert_on!r})"
