@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(BIN)/gradguard demo
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check gradguard integrations tests benchmarks examples
