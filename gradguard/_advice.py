@@ -14,9 +14,11 @@ from typing import Any
 
 __all__ = [
     "ModelTraits",
+    "dead_units_text",
     "exploding_text",
     "fmt",
     "nonfinite_text",
+    "saturation_text",
     "spike_text",
     "times",
     "vanishing_text",
@@ -261,3 +263,97 @@ def exploding_text(
             + "; check the initialisation scale (Xavier/He) and add normalisation layers."
         )
     return message, advice
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.0f}%"
+
+
+def _sampled(passes: int, window_start: int) -> str:
+    return f"{passes} training forward passes sampled from step {window_start}"
+
+
+def dead_units_text(
+    layers: Sequence[tuple[str, int, int]],
+    activations: Sequence[str],
+    passes: int,
+    window_start: int,
+    *,
+    died: tuple[str, float, int] | None = None,
+    update_ratio: float | None = None,
+    mean_bias: float | None = None,
+) -> tuple[str, str]:
+    """Message and advice for dead units. ``layers``: (name, dead units, units), worst first.
+
+    Evidence, most specific first: ``died`` = (layer, its dead fraction, window step) when an
+    earlier window saw that layer mostly alive (training killed the units: learning rate);
+    else ``mean_bias`` of the worst layer's dead units (negative: initialisation).
+    """
+    parts = [
+        f"'{name}' {dead} of {units} ({_percent(dead / max(units, 1))})"
+        for name, dead, units in layers[:3]
+    ]
+    more = len(layers) - 3
+    message = (
+        f"Dead {'/'.join(activations)} units: {', '.join(parts)}"
+        + (f" and {more} more layers" if more > 0 else "")
+        + f" never fired on any sample of {_sampled(passes, window_start)}."
+    )
+    if died is not None:
+        name, fraction, step = died
+        advice = (
+            f"only {_percent(fraction)} of '{name}' was dead in the window at step {step}, so "
+            "training knocked these units out: lower the learning rate and clip gradients "
+            "(clip=gg.ZClip())"
+        )
+        if update_ratio is not None and update_ratio > 1e-2:
+            advice += (
+                f" (its update/parameter ratio is {update_ratio:.2g} per step; ~1e-3 is typical)"
+            )
+        return message, advice + "; LeakyReLU keeps a gradient for negative inputs."
+    if mean_bias is not None and mean_bias < 0:
+        return message, (
+            f"the dead units of '{layers[0][0]}' have a mean bias of {mean_bias:.3g}, so their "
+            "pre-activations start negative: re-initialise with He init "
+            "(nn.init.kaiming_normal_) and zero biases, or use LeakyReLU."
+        )
+    return message, (
+        "dead since the first sampled window: use He (Kaiming) initialisation, or put "
+        "BatchNorm before the activation; LeakyReLU/GELU never die completely."
+    )
+
+
+def saturation_text(
+    layers: Sequence[tuple[str, float, int | None]],
+    activations: Sequence[str],
+    passes: int,
+    window_start: int,
+    *,
+    xavier_scale: float | None = None,
+    reads_inputs: bool = False,
+) -> tuple[str, str]:
+    """Message and advice for saturated sigmoid/tanh outputs. ``layers``: (name, fraction of
+    outputs in the flat tails, units or None), worst first. ``xavier_scale``: std of the worst
+    layer's weights over the Xavier std; ``reads_inputs``: the worst layer is the first one."""
+    parts = [
+        f"'{name}'" + (f" ({units} units)" if units else "") + f" {_percent(fraction)} of outputs"
+        for name, fraction, units in layers[:3]
+    ]
+    more = len(layers) - 3
+    message = (
+        f"Saturated {'/'.join(activations)}: {'; '.join(parts)}"
+        + (f" and {more} more layers" if more > 0 else "")
+        + " in the flat tails, where the derivative is near 0, over "
+        + f"{_sampled(passes, window_start)}."
+    )
+    worst = layers[0][0]
+    remedies: list[str] = []
+    if xavier_scale is not None and xavier_scale > 2.0:
+        remedies.append(
+            f"the weights of '{worst}' are {xavier_scale:.1f}x the Xavier scale: re-initialise "
+            "with Xavier init (nn.init.xavier_uniform_)"
+        )
+    elif reads_inputs:
+        remedies.append(f"'{worst}' reads the inputs: normalise them to zero mean, unit variance")
+    remedies.append("add LayerNorm/BatchNorm before the activation")
+    return message, "; ".join(remedies) + "."
