@@ -11,6 +11,7 @@ to your model and optimizer and detaches cleanly; it never replaces them.
 """
 
 from ._activations import ActivationMonitor
+from ._clip_adaptive import AGC, AutoClip, ZClip
 from ._clipping import ClipStrategy, NormClip, ValueClip
 from ._errors import (
     ConfigurationError,
@@ -19,6 +20,7 @@ from ._errors import (
     GradientAlarmError,
     MissingDependencyError,
 )
+from ._diagnosis import GradientFlowDetector
 from ._events import Event
 from ._guard import GradGuard, HostView, attach
 from ._sinks import LoggingSink, MemorySink, Sink
@@ -27,7 +29,9 @@ from ._spike import SpikeDetector
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AGC",
     "ActivationMonitor",
+    "AutoClip",
     "ClipStrategy",
     "ConfigurationError",
     "Event",
@@ -35,6 +39,7 @@ __all__ = [
     "GradGuardError",
     "GradGuardWarning",
     "GradientAlarmError",
+    "GradientFlowDetector",
     "HostView",
     "LoggingSink",
     "MemorySink",
@@ -43,6 +48,7 @@ __all__ = [
     "Sink",
     "SpikeDetector",
     "ValueClip",
+    "ZClip",
     "__version__",
     "attach",
 ]

@@ -28,7 +28,7 @@ from ._events import Event, EventThrottle
 from ._layers import LayerLayout, discover_layers
 from ._sinks import Sink, SinkSet
 from ._spike import SpikeDetector
-from ._stats import GradNormComputer, GradNorms, layer_norms_of
+from ._stats import GradNormComputer, GradNorms
 
 __all__ = ["GradGuard", "HostView", "attach"]
 
@@ -209,7 +209,7 @@ class GradGuard:
         self._track_updates = False
         self._is_rank_zero = True
         self._last_scalars: dict[str, float] = {}
-        self.sink_step: Callable[[int], int] = lambda step: step
+        self.sink_step: Callable[[int], int] = _same_step  # a function, not a lambda: picklable
         self._in_step = False
 
     # ------------------------------------------------------------------ attach / detach
@@ -230,17 +230,25 @@ class GradGuard:
                 f"optimizer={type(optimizer).__name__} is already watched by another GradGuard: "
                 "call detach() on that guard first (one guard per optimizer)"
             )
+        if self.clip is not None:
+            # Before anything is registered: a strategy may reject the layout (AGC's exclude).
+            self.clip.bind(layout, layout.params[0].device)
         _watched_optimizers.add(optimizer)
         self._model, self._optimizer, self._layout = model, optimizer, layout
         self._device = layout.params[0].device
-        self._computer = GradNormComputer(layout)
+        self._computer = GradNormComputer(layout, model)
         self._is_rank_zero = _rank() == 0
         self.spike.bind(self._device)
-        if self.clip is not None:
-            self.clip.bind(layout, self._device)
+        for detector in self.detectors:
+            # Optional: a detector may learn layer kinds/shapes from the model (no sync).
+            bind = getattr(detector, "bind", None)
+            if callable(bind):
+                bind(model, layout)
         self._clipped_steps = torch.zeros((), device=self._device)
         if self.update_ratio == "auto":
-            numel = sum(_local(p).numel() for p in layout.params)
+            # The global size (DTensor.numel()): every rank must decide alike, since the
+            # update norms of sharded parameters are all-reduced on logging steps.
+            numel = sum(p.numel() for p in layout.params)
             self._track_updates = numel <= AUTO_UPDATE_RATIO_MAX_ELEMENTS
         else:
             self._track_updates = bool(self.update_ratio)
@@ -334,7 +342,7 @@ class GradGuard:
             order += [name for name in layout.names if name not in self._seen_arrival]
             if order != layout.names:
                 layout.reorder(order)
-                self._computer = GradNormComputer(layout)
+                self._computer = GradNormComputer(layout, self._model)
             layout.depth_from_backward = True
         self._arrival = []
 
@@ -369,11 +377,15 @@ class GradGuard:
         self.after_optimizer_step()
 
     # ------------------------------------------------------------------ the pipeline
-    def before_optimizer_step(self) -> bool | None:
+    def before_optimizer_step(self, *, found_inf: torch.Tensor | None = None) -> bool | None:
         """Measure, detect, clip and maybe skip, right before the optimizer updates.
 
         Returns True/False when the skip decision was read on the host this step, None when
         it stayed on the device (observe-only, or a fused optimizer).
+
+        ``found_inf``: for adapters whose framework unscales AMP gradients before calling
+        this (Lightning): the GradScaler's overflow flag for this step, a device tensor. An
+        overflow step belongs to the scaler (it skips it): not reported as non-finite.
         """
         optimizer, layout, computer = self._optimizer, self._layout, self._computer
         if optimizer is None or layout is None or computer is None:
@@ -388,6 +400,8 @@ class GradGuard:
         fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         grad_scale = getattr(optimizer, "grad_scale", None) if fused else None
         scaler_found_inf = getattr(optimizer, "found_inf", None) if fused else None
+        if found_inf is not None:
+            scaler_found_inf = found_inf
 
         norms = computer.compute(grad_scale if isinstance(grad_scale, torch.Tensor) else None)
         nonfinite = ~torch.isfinite(norms.total)
@@ -602,8 +616,6 @@ class GradGuard:
         p = self.prefix
         keys: list[str] = []
         pieces: list[torch.Tensor] = []
-        present_layers = set(log.norms.grad_layer)
-        present = [i in present_layers for i in range(layout.num_layers)]
 
         def add(names: list[str], tensor: torch.Tensor) -> None:
             keys.extend(names)
@@ -620,11 +632,14 @@ class GradGuard:
         if self.on_spike != "ignore":
             add([f"{p}/spike/zscore"], log.zscore)
         param_tensors = [_local(q.detach()) for q in layout.params]
-        param_norm = layer_norms_of(param_tensors, layout.param_layer, layout.num_layers, self._device)
+        computer = self._computer
+        assert computer is not None
+        # Sharded parameters (FSDP, DTensor) are summed across ranks: one collective each.
+        param_norm = computer.layer_norms(param_tensors)
         add([f"{p}/param_norm/{n}" for n in layout.names], param_norm)
         if log.snapshot is not None:
             deltas = list(torch._foreach_sub(param_tensors, log.snapshot))
-            update = layer_norms_of(deltas, layout.param_layer, layout.num_layers, self._device)
+            update = computer.layer_norms(deltas)
             ratio = update / param_norm.clamp_min(1e-12)
             add([f"{p}/update_ratio/{n}" for n in layout.names], ratio)
         if self.activations is not None:
@@ -632,8 +647,12 @@ class GradGuard:
                 flat = tensor.reshape(-1)
                 if flat.numel() == 1:
                     add([f"{p}/{suffix}"], flat)
+        # Layers with a gradient this step on any rank (FSDP1 ranks hold different layers):
+        # the mask rides in the same copy, after the keyed values.
+        pieces.append(log.norms.present.reshape(-1).to(self._device, torch.float32))
         # Deliberate host sync: the ONE bulk device->host copy of a logging step.
-        values = torch.cat(pieces).tolist() if pieces else []
+        values = torch.cat(pieces).tolist()
+        present = [flag > 0.5 for flag in values[len(keys) :]]
         self._drain(block=True)
         scalars = dict(zip(keys, values))
         scalars[f"{p}/skipped_steps"] = float(self._skipped_steps)
@@ -752,7 +771,7 @@ class GradGuard:
             self._arrival = []
             layout.reorder(order)
             layout.depth_from_backward = True
-            self._computer = GradNormComputer(layout)
+            self._computer = GradNormComputer(layout, self._model)
         elif order:
             warnings.warn(
                 "the GradGuard state was saved for other layers; per-layer state starts fresh",
@@ -782,6 +801,10 @@ class GradGuard:
             f"GradGuard(clip={self.clip!r}, on_nonfinite={self.on_nonfinite!r}, "
             f"on_spike={self.on_spike!r}, log_every_n_steps={self.log_every_n_steps}, {where})"
         )
+
+
+def _same_step(step: int) -> int:
+    return step
 
 
 def _finite(value: float) -> bool:
