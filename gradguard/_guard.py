@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 import weakref
@@ -689,6 +690,11 @@ class GradGuard:
 
     # ------------------------------------------------------------------ events
     def _emit(self, event: Event, *, warn: bool = True) -> None:
+        # Events carry the step the sinks use (Lightning: trainer.global_step), so an
+        # Event's text lines up with the charts; detectors work in guard steps.
+        sink_step = self.sink_step(event.step)
+        if sink_step != event.step:
+            event = dataclasses.replace(event, step=sink_step)
         self.events.append(event)
         if not self._is_rank_zero:
             return

@@ -435,3 +435,31 @@ def test_warnings_can_be_silenced() -> None:
         warnings.simplefilter("error")
         one_step(model, opt, nan_in="0.weight")
     assert guard.events[-1].kind == "nonfinite"
+
+
+def test_events_carry_the_step_the_sinks_use() -> None:
+    # Adapters (Lightning) map guard steps to their own global step; Events follow it.
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = gg.MemorySink()
+    guard = gg.attach(model, opt, sinks=[sink], log_every_n_steps=1, warn=False, **quiet())
+    guard.sink_step = lambda step: 1000 + 2 * step
+    one_step(model, opt)
+    one_step(model, opt, nan_in="0.weight")
+    assert [s for s, _ in sink.scalars["gradguard/grad_norm_total"]] == [1000, 1002]
+    assert [e.step for e in sink.events] == [1002]
+    assert guard.events[-1].step == 1002
+
+
+def test_fp16_gradient_norms_beyond_the_fp16_range_are_finite() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4).half()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.0)
+    sink = gg.MemorySink()
+    gg.attach(layer, opt, sinks=[sink], log_every_n_steps=1, **quiet())
+    for p in layer.parameters():
+        p.grad = torch.full_like(p, 30000.0)  # finite in fp16; the norm (~134000) is not
+    opt.step()
+    expected = 30000.0 * math.sqrt(20)
+    assert sink.latest("gradguard/grad_norm_total") == pytest.approx(expected, rel=1e-3)
+    assert sink.latest("gradguard/nonfinite_steps") == 0.0
