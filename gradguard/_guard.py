@@ -410,7 +410,7 @@ class GradGuard:
             # A GradScaler already handles its own overflow steps: not gradguard's business.
             nonfinite = nonfinite & (scaler_found_inf.to(self._device) == 0)
         if self.on_spike != "ignore":
-            zscore, spike = self.spike.update(norms.total)
+            zscore, spike = self.spike.update(norms.total, warm=step >= self.spike.warmup_steps)
         else:
             zscore = torch.zeros((), device=self._device)
             spike = torch.zeros((), dtype=torch.bool, device=self._device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -44,15 +43,17 @@ class SpikeDetector:
 
     def _reset(self) -> None:
         zeros = torch.zeros((), dtype=torch.float32, device=self._device)
-        self.count = zeros.clone()
+        # ``mean``/``var`` are already bias-corrected; ``weight`` is 1 - alpha**t, t = the
+        # number of finite norms seen.
         self.mean = zeros.clone()
         self.var = zeros.clone()
+        self.weight = zeros.clone()
 
     def bind(self, device: torch.device) -> None:
         self._device = device
-        self.count = self.count.to(device)
         self.mean = self.mean.to(device)
         self.var = self.var.to(device)
+        self.weight = self.weight.to(device)
 
     def __repr__(self) -> str:
         return (
@@ -60,39 +61,41 @@ class SpikeDetector:
             f"warmup_steps={self.warmup_steps}, min_std={self.min_std})"
         )
 
-    def update(self, total_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(z, is_spike)`` for this step's norm and fold it into the averages."""
-        finite = torch.isfinite(total_norm) & (total_norm > 0)
-        x = torch.log(torch.where(finite, total_norm, torch.ones_like(total_norm)))
-        correction = 1.0 - torch.exp(self.count * math.log(self.alpha))
-        has_history = self.count > 0
-        safe_corr = torch.where(has_history, correction, torch.ones_like(correction))
-        mean_hat = self.mean / safe_corr
-        std_hat = (self.var / safe_corr).clamp_min(0.0).sqrt().clamp_min(self.min_std)
-        z = torch.where(has_history & finite, (x - mean_hat) / std_hat, torch.zeros_like(x))
-        warm = self.count >= self.warmup_steps
-        spike = warm & finite & (z > self.threshold)
-        # The mean of the first observation is the observation itself: start deviations there.
-        reference = torch.where(has_history, mean_hat, x)
-        x_in = torch.where(spike, mean_hat + self.threshold * std_hat, x)
+    def update(self, total_norm: torch.Tensor, *, warm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(z, is_spike)`` for this step's norm and fold it into the averages.
+
+        ``warm`` (decided by the caller from its host-side step count, at no sync) says
+        whether ``warmup_steps`` are over. The recurrence ``m += k (x - m)`` with
+        ``k = (1 - alpha) / (1 - alpha**t)`` is the bias-corrected EMA itself, written with
+        few kernels because it runs every step.
+        """
         a = self.alpha
-        new_mean = a * self.mean + (1 - a) * x_in
-        new_var = a * self.var + (1 - a) * (x_in - reference).square()
-        self.mean = torch.where(finite, new_mean, self.mean)
-        self.var = torch.where(finite, new_var, self.var)
-        self.count = self.count + finite.float()
+        finite = torch.isfinite(total_norm) & (total_norm > 0)
+        x = torch.log(torch.where(finite, total_norm, 1.0))
+        valid = finite & (self.weight > 0)  # a first observation has nothing to deviate from
+        std = self.var.sqrt().clamp_min(self.min_std)
+        deviation = torch.where(valid, x - self.mean, 0.0)
+        z = deviation / std
+        spike = z > self.threshold if warm else torch.zeros_like(finite)
+        # A spike enters the averages clamped to mean + threshold * std.
+        deviation = torch.where(spike, std * self.threshold, deviation)
+        weight = torch.where(finite, self.weight * a + (1.0 - a), self.weight)
+        gain = torch.where(finite, (1.0 - a) / weight.clamp_min(1e-12), 0.0)
+        first = finite & (self.weight == 0)
+        self.mean = torch.where(first, x, torch.addcmul(self.mean, gain, deviation))
+        self.var = torch.addcmul(self.var, gain, deviation.square() - self.var)
+        self.weight = weight
         return z, spike
 
     def running_norm(self) -> torch.Tensor:
         """The bias-corrected running mean of the norm (geometric), on the device."""
-        correction = 1.0 - torch.exp(self.count * math.log(self.alpha))
-        return torch.exp(self.mean / correction.clamp_min(1e-12))
+        return torch.exp(self.mean)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count.cpu(), "mean": self.mean.cpu(), "var": self.var.cpu()}
+        return {"weight": self.weight.cpu(), "mean": self.mean.cpu(), "var": self.var.cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.count = torch.as_tensor(state["count"], dtype=torch.float32).to(self._device)
+        self.weight = torch.as_tensor(state["weight"], dtype=torch.float32).to(self._device)
         self.mean = torch.as_tensor(state["mean"], dtype=torch.float32).to(self._device)
         self.var = torch.as_tensor(state["var"], dtype=torch.float32).to(self._device)
 
