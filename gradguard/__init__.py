@@ -13,6 +13,7 @@ to your model and optimizer and detaches cleanly; it never replaces them.
 from ._activations import ActivationMonitor
 from ._clip_adaptive import AGC, AutoClip, ZClip
 from ._clipping import ClipStrategy, NormClip, ValueClip
+from ._diagnosis import GradientFlowDetector
 from ._errors import (
     ConfigurationError,
     GradGuardError,
@@ -20,7 +21,6 @@ from ._errors import (
     GradientAlarmError,
     MissingDependencyError,
 )
-from ._diagnosis import GradientFlowDetector
 from ._events import Event
 from ._guard import GradGuard, HostView, attach
 from ._sinks import LoggingSink, MemorySink, Sink

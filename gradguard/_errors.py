@@ -93,5 +93,7 @@ def check_number(
         right = ")" if high_open else "]"
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
-        raise ConfigurationError.bad_value(name, value, f"expected a number in {left}{lo}, {hi}{right}")
+        raise ConfigurationError.bad_value(
+            name, value, f"expected a number in {left}{lo}, {hi}{right}"
+        )
     return number

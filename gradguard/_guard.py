@@ -163,7 +163,9 @@ class GradGuard:
         self.on_nonfinite: NonfinitePolicy = on_nonfinite
         self.on_spike: SpikePolicy = on_spike
         if spike is not None and not isinstance(spike, SpikeDetector):
-            raise ConfigurationError.bad_value("spike", spike, "expected a gg.SpikeDetector or None")
+            raise ConfigurationError.bad_value(
+                "spike", spike, "expected a gg.SpikeDetector or None"
+            )
         self.spike = spike if spike is not None else SpikeDetector()
         self.activations = _resolve_activations(activations)
         self.log_every_n_steps = check_positive_int("log_every_n_steps", log_every_n_steps)
@@ -181,7 +183,9 @@ class GradGuard:
             raise ConfigurationError.not_one_of("update_ratio", update_ratio, (True, False, "auto"))
         self.update_ratio = update_ratio
         if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
-            raise ConfigurationError.bad_value("prefix", prefix, "expected a non-empty str not ending in '/'")
+            raise ConfigurationError.bad_value(
+                "prefix", prefix, "expected a non-empty str not ending in '/'"
+            )
         self.prefix = prefix
         self.warn = bool(warn)
         self.repeat_every = check_positive_int("repeat_every", repeat_every)
@@ -474,14 +478,16 @@ class GradGuard:
         if logging_step:
             snapshot = None
             if self._track_updates:
-                snapshot = list(torch._foreach_mul([_local(p.detach()) for p in layout.params], 1.0))
+                snapshot = list(
+                    torch._foreach_mul([_local(p.detach()) for p in layout.params], 1.0)
+                )
             self._log_step = _LogStep(step, norms, clip_result, zscore, snapshot)
         self._step = step + 1
         self._in_step = True
         return decided
 
     def after_optimizer_step(self) -> None:
-        """Finish the step: restore optimizer attributes, log on logging steps, sample activations."""
+        """Finish the step: restore optimizer attributes, log, sample activations."""
         if not self._in_step:
             return
         self._in_step = False
@@ -599,9 +605,15 @@ class GradGuard:
         assert layout is not None
         # Deliberate host sync: we are about to raise, so name the layers.
         layer_norms = norms.layer.tolist()
-        bad = [layout.names[i] for i in reversed(range(layout.num_layers)) if not _finite(layer_norms[i])]
+        bad = [
+            layout.names[i]
+            for i in reversed(range(layout.num_layers))
+            if not _finite(layer_norms[i])
+        ]
         message, advice = nonfinite_text(bad, layout.num_layers, "raise", skipped=False)
-        message = message.replace("the optimizer step went ahead with it.", "the step was not taken.")
+        message = message.replace(
+            "the optimizer step went ahead with it.", "the step was not taken."
+        )
         self._step = step + 1
         self._nonfinite_steps += 1
         event = Event("nonfinite", step, tuple(bad), float("nan"), "error", message, advice)
@@ -628,7 +640,9 @@ class GradGuard:
             assert self._clipped_steps is not None
             add(
                 [f"{p}/clip/threshold", f"{p}/clip/coef", f"{p}/clip/clipped_steps"],
-                torch.stack([log.clip.threshold.float(), log.clip.coef.float(), self._clipped_steps.float()]),
+                torch.stack(
+                    [log.clip.threshold.float(), log.clip.coef.float(), self._clipped_steps.float()]
+                ),
             )
         if self.on_spike != "ignore":
             add([f"{p}/spike/zscore"], log.zscore)
@@ -753,7 +767,9 @@ class GradGuard:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a ``state_dict``; before ``attach`` it is kept and applied at attach."""
         if not isinstance(state, Mapping) or "version" not in state:
-            raise ConfigurationError.bad_value("state", type(state).__name__, "expected a GradGuard state_dict")
+            raise ConfigurationError.bad_value(
+                "state", type(state).__name__, "expected a GradGuard state_dict"
+            )
         if int(state["version"]) > STATE_VERSION:
             raise ConfigurationError(
                 f"state version {state['version']} is newer than this gradguard understands "
@@ -793,9 +809,9 @@ class GradGuard:
         self._warned_at = {str(k): int(v) for k, v in state.get("warned_at", {}).items()}
         if self.clip is not None and state.get("clip"):
             self.clip.load_state_dict(state["clip"])
-        self._clipped_steps = torch.as_tensor(state.get("clipped_steps", 0.0), dtype=torch.float32).to(
-            self._device
-        )
+        self._clipped_steps = torch.as_tensor(
+            state.get("clipped_steps", 0.0), dtype=torch.float32
+        ).to(self._device)
         if self.activations is not None and state.get("activations"):
             self.activations.load_state_dict(state["activations"])
         for detector, detector_state in zip(self.detectors, state.get("detectors", [])):

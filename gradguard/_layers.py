@@ -55,7 +55,9 @@ def discover_layers(model: nn.Module, optimizer: torch.optim.Optimizer) -> Layer
     if not isinstance(model, nn.Module):
         raise ConfigurationError.bad_value("model", model, "expected a torch.nn.Module")
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ConfigurationError.bad_value("optimizer", optimizer, "expected a torch.optim.Optimizer")
+        raise ConfigurationError.bad_value(
+            "optimizer", optimizer, "expected a torch.optim.Optimizer"
+        )
     held = {id(p) for p in _optimizer_params(optimizer)}
     seen: set[int] = set()
     names: list[str] = []

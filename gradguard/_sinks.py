@@ -124,7 +124,8 @@ class SinkSet:
                 self.disabled.append(sink)
                 warnings.warn(
                     f"gradguard disabled the sink {type(sink).__name__} after it raised "
-                    f"{type(exc).__name__}: {exc}. Training goes on; other sinks still receive data.",
+                    f"{type(exc).__name__}: {exc}. Training goes on; other sinks still "
+                    "receive data.",
                     GradGuardWarning,
                     stacklevel=3,
                 )

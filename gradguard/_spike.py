@@ -61,7 +61,9 @@ class SpikeDetector:
             f"warmup_steps={self.warmup_steps}, min_std={self.min_std})"
         )
 
-    def update(self, total_norm: torch.Tensor, *, warm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, total_norm: torch.Tensor, *, warm: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(z, is_spike)`` for this step's norm and fold it into the averages.
 
         ``warm`` (decided by the caller from its host-side step count, at no sync) says
@@ -98,5 +100,3 @@ class SpikeDetector:
         self.weight = torch.as_tensor(state["weight"], dtype=torch.float32).to(self._device)
         self.mean = torch.as_tensor(state["mean"], dtype=torch.float32).to(self._device)
         self.var = torch.as_tensor(state["var"], dtype=torch.float32).to(self._device)
-
-

@@ -60,7 +60,10 @@ def test_non_logging_steps_never_sync(clip: object, fused: bool) -> None:
     # capturable keeps torch's own Adam from reading its step counter on the host.
     opt = torch.optim.Adam(model.parameters(), fused=fused, capturable=not fused)
     guard = gg.attach(
-        model, opt, clip=clip, log_every_n_steps=1000,  # type: ignore[arg-type]
+        model,
+        opt,
+        clip=clip,
+        log_every_n_steps=1000,  # type: ignore[arg-type]
         activations=gg.ActivationMonitor(every_n_steps=3, window=1),
     )
     x = torch.randn(32, 64, device="cuda")

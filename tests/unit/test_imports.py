@@ -9,10 +9,7 @@ HEAVY = ("lightning", "pytorch_lightning", "tensorboard", "wandb", "matplotlib")
 
 
 def _imported_after(statement: str) -> list[str]:
-    code = (
-        f"import sys; {statement}; "
-        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
-    )
+    code = f"import sys; {statement}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return [m for m in out.stdout.strip().split(",") if m]
 
