@@ -29,7 +29,7 @@ typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
 bench: $(VENV)/.installed
-	$(BIN)/python benchmarks/overhead.py --markdown benchmarks/RESULTS.md
+	$(BIN)/python benchmarks/overhead.py --threads 1 --markdown benchmarks/RESULTS-cpu.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
