@@ -22,7 +22,8 @@ from ._errors import (
     MissingDependencyError,
 )
 from ._events import Event
-from ._guard import GradGuard, HostView, attach
+from ._guard import GradGuard, attach
+from ._protocols import HostView
 from ._sinks import LoggingSink, MemorySink, Sink
 from ._spike import SpikeDetector
 

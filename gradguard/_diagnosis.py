@@ -24,8 +24,8 @@ from ._events import Event
 from ._report import build_report, build_summary
 
 if TYPE_CHECKING:
-    from ._guard import Detector, HostView
     from ._layers import LayerLayout
+    from ._protocols import Detector, HostView
 
 __all__ = ["GradientFlowDetector", "build_report", "build_summary", "default_detectors"]
 

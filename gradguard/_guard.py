@@ -8,8 +8,8 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -26,12 +26,14 @@ from ._errors import (
     check_positive_int,
 )
 from ._events import Event, EventThrottle
+from ._hostmirror import HostMirror
 from ._layers import LayerLayout, discover_layers
+from ._protocols import Detector, HostView, Monitor
 from ._sinks import Sink, SinkSet
 from ._spike import SpikeDetector
 from ._stats import GradNormComputer, GradNorms
 
-__all__ = ["GradGuard", "HostView", "attach"]
+__all__ = ["GradGuard", "attach"]
 
 NonfinitePolicy = Literal["warn", "skip", "raise"]
 SpikePolicy = Literal["ignore", "warn", "skip"]
@@ -45,53 +47,6 @@ _TOTAL, _ZSCORE, _NONFINITE, _SPIKE, _SKIPPED = range(5)
 _HEADER = 5
 
 _watched_optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
-
-
-@dataclass
-class HostView:
-    """What host-side detectors see on a logging step (plain Python numbers).
-
-    ``layers`` and the per-layer lists are in depth order, input first. ``present`` marks the
-    layers that had a gradient this step. ``scalars`` holds every metric under its full key.
-    """
-
-    step: int
-    layers: list[str]
-    grad_norm: list[float]
-    present: list[bool]
-    total: float
-    param_norm: list[float] | None
-    update_ratio: list[float] | None
-    scalars: dict[str, float] = field(default_factory=dict)
-    prefix: str = "gradguard"
-
-
-class Detector(Protocol):
-    """A host-side detector run on logging steps over statistics already copied to the host."""
-
-    def check(self, view: HostView) -> list[Event]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class Monitor(Protocol):
-    """The activation monitor's side of the pipeline (see ``ActivationMonitor``)."""
-
-    def bind(self, model: nn.Module, layout: LayerLayout) -> None: ...
-
-    def unbind(self) -> None: ...
-
-    def on_step_end(self, next_step: int) -> None: ...
-
-    def metrics(self) -> dict[str, torch.Tensor]: ...
-
-    def check(self, view: HostView) -> list[Event]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def _rank() -> int:
@@ -205,8 +160,7 @@ class GradGuard:
         self._handles: list[RemovableHandle] = []
         self._order_handles: list[RemovableHandle] = []
         self._arrival: list[str] = []
-        self._pending: deque[tuple[int, Any, torch.Tensor]] = deque()
-        self._free_buffers: list[torch.Tensor] = []
+        self._flags = HostMirror(self._handle_flags)
         self._log_step: _LogStep | None = None
         self._found_inf_saved: tuple[bool, Any] | None = None
         self._clipped_steps: torch.Tensor | None = None
@@ -270,7 +224,7 @@ class GradGuard:
         """Remove every hook gradguard added and flush/close the sinks. Safe to call twice."""
         if self._optimizer is None:
             return
-        self._drain(block=True)
+        self._flags.drain(block=True)
         for handle in self._handles + self._order_handles:
             handle.remove()
         self._handles.clear()
@@ -307,12 +261,12 @@ class GradGuard:
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps gradguard skipped so far (not those a GradScaler skipped)."""
-        self._drain(block=True)
+        self._flags.drain(block=True)
         return self._skipped_steps
 
     @property
     def nonfinite_steps(self) -> int:
-        self._drain(block=True)
+        self._flags.drain(block=True)
         return self._nonfinite_steps
 
     # ------------------------------------------------------------------ depth order
@@ -395,7 +349,7 @@ class GradGuard:
         optimizer, layout, computer = self._optimizer, self._layout, self._computer
         if optimizer is None or layout is None or computer is None:
             raise GradGuardError("GradGuard is not attached: call attach(model, optimizer) first")
-        self._drain(block=False)
+        self._flags.drain(block=False)
         if self._order_handles or self._arrival:
             self._finish_backward_order()
             computer = self._computer
@@ -473,7 +427,7 @@ class GradGuard:
                 norms.layer,
             ]
         )
-        self._push_pending(step, packet)
+        self._flags.push(step, packet)
 
         if logging_step:
             snapshot = None
@@ -506,36 +460,6 @@ class GradGuard:
             self.activations.on_step_end(self._step)
 
     # ------------------------------------------------------------------ flags (sync-free)
-    def _push_pending(self, step: int, packet: torch.Tensor) -> None:
-        if packet.device.type == "cpu":
-            # On the CPU the "copy" is immediate; .tolist() never syncs an accelerator.
-            self._handle_flags(step, packet.tolist())
-            return
-        buffer = self._free_buffers.pop() if self._free_buffers else None
-        if buffer is None or buffer.numel() != packet.numel():
-            buffer = torch.empty(packet.numel(), dtype=torch.float32, pin_memory=True)
-        buffer.copy_(packet, non_blocking=True)
-        event: Any = None
-        if packet.device.type == "cuda":
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record()
-        self._pending.append((step, event, buffer))
-        if len(self._pending) > 8 and self._pending[0][1] is not None:
-            # Deliberate host sync, rare: the device is more than 8 steps behind the host.
-            self._pending[0][1].synchronize()
-
-    def _drain(self, block: bool) -> None:
-        while self._pending:
-            step, event, buffer = self._pending[0]
-            if event is not None and not block and not event.query():
-                break
-            if event is not None and block:
-                event.synchronize()  # Deliberate host sync: asked for (logging step, detach).
-            self._pending.popleft()
-            values = buffer.tolist()
-            self._free_buffers.append(buffer)
-            self._handle_flags(step, values)
-
     def _handle_flags(self, step: int, values: list[float]) -> None:
         layout = self._layout
         assert layout is not None
@@ -668,7 +592,7 @@ class GradGuard:
         # Deliberate host sync: the ONE bulk device->host copy of a logging step.
         values = torch.cat(pieces).tolist()
         present = [flag > 0.5 for flag in values[len(keys) :]]
-        self._drain(block=True)
+        self._flags.drain(block=True)
         scalars = dict(zip(keys, values))
         scalars[f"{p}/skipped_steps"] = float(self._skipped_steps)
         scalars[f"{p}/nonfinite_steps"] = float(self._nonfinite_steps)
@@ -727,14 +651,14 @@ class GradGuard:
 
     def report(self) -> str:
         """A diagnosis a person can act on: verdict, gradient flow per layer, Events, remedies."""
-        self._drain(block=True)
+        self._flags.drain(block=True)
         from ._diagnosis import build_report
 
         return build_report(self)
 
     def summary(self) -> dict[str, Any]:
         """The data behind ``report()``."""
-        self._drain(block=True)
+        self._flags.drain(block=True)
         from ._diagnosis import build_summary
 
         return build_summary(self)
@@ -742,7 +666,7 @@ class GradGuard:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs: tensors, numbers, strings, lists and dicts only."""
-        self._drain(block=True)
+        self._flags.drain(block=True)
         state: dict[str, Any] = {
             "version": STATE_VERSION,
             "step": self._step,
@@ -784,7 +708,7 @@ class GradGuard:
     def _apply_state(self, state: dict[str, Any]) -> None:
         layout = self._layout
         assert layout is not None
-        self._drain(block=True)
+        self._flags.drain(block=True)
         order = [str(n) for n in state.get("layer_order", [])]
         if order and sorted(order) == sorted(layout.names):
             for handle in self._order_handles:

@@ -62,7 +62,8 @@ from gradguard._errors import (
     check_positive_int,
 )
 from gradguard._events import Event
-from gradguard._guard import Detector, GradGuard, Monitor, NonfinitePolicy, SpikePolicy
+from gradguard._guard import GradGuard, NonfinitePolicy, SpikePolicy
+from gradguard._protocols import Detector, Monitor
 from gradguard._sinks import Sink
 from gradguard._spike import SpikeDetector
 
