@@ -61,7 +61,7 @@ class MemorySink:
 
 
 class LoggingSink:
-    """Writes to Python ``logging``: scalars at DEBUG, Events at INFO (errors at ERROR).
+    """Writes to Python ``logging``: scalars at DEBUG, Events at INFO.
 
     Events of one kind are rate-limited to one record per ``min_interval_s`` seconds; the
     next record says how many were suppressed in between.
@@ -94,8 +94,8 @@ class LoggingSink:
         self._last[event.kind] = now
         suppressed = self._suppressed.pop(event.kind, 0)
         extra = f" ({suppressed} similar suppressed)" if suppressed else ""
-        level = logging.ERROR if event.severity == "error" else logging.INFO
-        self.logger.log(level, "%s%s", event, extra)
+        # INFO, as the design settles: the GradGuardWarning already raises the alarm.
+        self.logger.info("%s [%s]%s", event, event.severity, extra)
 
     def flush(self) -> None:
         for handler in self.logger.handlers:
