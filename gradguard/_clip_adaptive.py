@@ -76,8 +76,12 @@ class AutoClip(ClipStrategy):
         self._slots = torch.arange(self.history, device=device)
 
     def bind(self, layout: LayerLayout, device: torch.device) -> None:
+        # Re-attaching the same guard keeps the history (as ZClip and the spike EMA do).
+        kept = self.state_dict() if self.layout is not None and self._pending is None else None
         super().bind(layout, device)
         self._alloc(layout.num_layers if self.per_layer else 1, device)
+        if kept is not None and self._pending is None:
+            self._pending = kept
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self.load_state_dict(pending)

@@ -43,8 +43,8 @@ STATE_VERSION = 1
 # models up to this many trainable elements (128M: 512 MB in fp32).
 AUTO_UPDATE_RATIO_MAX_ELEMENTS = 2**27
 # Header of the per-step flag packet, followed by the per-layer norms.
-_TOTAL, _ZSCORE, _NONFINITE, _SPIKE, _SKIPPED = range(5)
-_HEADER = 5
+_TOTAL, _ZSCORE, _NONFINITE, _SPIKE, _SKIPPED, _RUNNING = range(6)
+_HEADER = 6
 
 _watched_optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
@@ -194,6 +194,19 @@ class GradGuard:
             self.clip.bind(layout, layout.params[0].device)
         _watched_optimizers.add(optimizer)
         self._model, self._optimizer, self._layout = model, optimizer, layout
+        try:
+            self._bind_rest(model, layout)
+        except BaseException:
+            # Leave nothing half-attached: the optimizer may be watched again after a fix.
+            for handle in self._handles + self._order_handles:
+                handle.remove()
+            self._handles.clear()
+            self._order_handles.clear()
+            _watched_optimizers.discard(optimizer)
+            self._model = self._optimizer = None
+            raise
+
+    def _bind_rest(self, model: nn.Module, layout: LayerLayout) -> None:
         self._device = layout.params[0].device
         self._computer = GradNormComputer(layout, model)
         self._is_rank_zero = _rank() == 0
@@ -203,7 +216,10 @@ class GradGuard:
             bind = getattr(detector, "bind", None)
             if callable(bind):
                 bind(model, layout)
-        self._clipped_steps = torch.zeros((), device=self._device)
+        if self._clipped_steps is None:
+            self._clipped_steps = torch.zeros((), device=self._device)
+        else:  # attached again: keep counting
+            self._clipped_steps = self._clipped_steps.to(self._device)
         if self.update_ratio == "auto":
             # The global size (DTensor.numel()): every rank must decide alike, since the
             # update norms of sharded parameters are all-reduced on logging steps.
@@ -221,7 +237,11 @@ class GradGuard:
             self.activations.on_step_end(self._step)
 
     def detach(self) -> None:
-        """Remove every hook gradguard added and flush/close the sinks. Safe to call twice."""
+        """Remove every hook gradguard added and flush the sinks. Safe to call twice.
+
+        The guard keeps its state and sinks: ``attach`` again continues where it stopped.
+        ``close()`` (or leaving a ``with`` block) also closes the sinks.
+        """
         if self._optimizer is None:
             return
         self._flags.drain(block=True)
@@ -236,13 +256,18 @@ class GradGuard:
         self._model = None
         if self._is_rank_zero:
             self.sinks.flush()
+
+    def close(self) -> None:
+        """``detach()``, then close the sinks (a closed sink writes no more)."""
+        self.detach()
+        if self._is_rank_zero:
             self.sinks.close()
 
     def __enter__(self) -> GradGuard:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.detach()
+        self.close()
 
     @property
     def attached(self) -> bool:
@@ -349,6 +374,10 @@ class GradGuard:
         optimizer, layout, computer = self._optimizer, self._layout, self._computer
         if optimizer is None or layout is None or computer is None:
             raise GradGuardError("GradGuard is not attached: call attach(model, optimizer) first")
+        if self._in_step:
+            # The last step never finished (optimizer.step raised): restore found_inf first,
+            # or a stale skip flag would be taken for the scaler's and skip every later step.
+            self.after_optimizer_step()
         self._flags.drain(block=False)
         if self._order_handles or self._arrival:
             self._finish_backward_order()
@@ -368,9 +397,11 @@ class GradGuard:
             # A GradScaler already handles its own overflow steps: not gradguard's business.
             nonfinite = nonfinite & (scaler_found_inf.to(self._device) == 0)
         if self.on_spike != "ignore":
+            # The running mean the z-score is measured against, for the message (1 kernel).
+            running = self.spike.running_norm()
             zscore, spike = self.spike.update(norms.total, warm=step >= self.spike.warmup_steps)
         else:
-            zscore = torch.zeros((), device=self._device)
+            running = zscore = torch.zeros((), device=self._device)
             spike = torch.zeros((), dtype=torch.bool, device=self._device)
 
         clip_result = None
@@ -422,6 +453,7 @@ class GradGuard:
                         nonfinite.float(),
                         spike.float(),
                         skip_flag.float(),
+                        running.float(),
                     ]
                 ),
                 norms.layer,
@@ -497,7 +529,7 @@ class GradGuard:
             self._spike_steps += 1
             folded = self._throttle.admit("spike", step)
             if folded is not None and self.on_spike != "ignore":
-                running = float(self._spike_running())
+                running = values[_RUNNING]
                 message, advice = spike_text(values[_TOTAL], running, values[_ZSCORE], skipped)
                 if folded > 1:
                     message += f" ({folded} spikes since the last report.)"
@@ -517,12 +549,6 @@ class GradGuard:
                         details={"skipped": skipped, "grad_norm": values[_TOTAL]},
                     )
                 )
-
-    def _spike_running(self) -> float:
-        # Called while handling flags that are already on the host; the running mean is read
-        # with .tolist() on the CPU copy. On an accelerator this is a small extra copy that
-        # happens only on the (rare) steps that spiked.
-        return float(self.spike.running_norm().cpu().reshape(1).tolist()[0])
 
     def _raise_nonfinite(self, step: int, norms: GradNorms) -> None:
         layout = self._layout
@@ -678,6 +704,7 @@ class GradGuard:
             "warned_at": dict(self._warned_at),
             "layer_order": list(self._layout.names) if self._layout is not None else [],
             "clip": self.clip.state_dict() if self.clip is not None else {},
+            "clip_type": type(self.clip).__name__ if self.clip is not None else "",
             "clipped_steps": (
                 self._clipped_steps.detach().cpu() if self._clipped_steps is not None else 0.0
             ),
@@ -731,8 +758,17 @@ class GradGuard:
         self.spike.load_state_dict(state["spike"])
         self._throttle.load_state_dict(state.get("throttle", {}))
         self._warned_at = {str(k): int(v) for k, v in state.get("warned_at", {}).items()}
+        saved_type = str(state.get("clip_type", ""))
         if self.clip is not None and state.get("clip"):
-            self.clip.load_state_dict(state["clip"])
+            if saved_type and saved_type != type(self.clip).__name__:
+                warnings.warn(
+                    f"the GradGuard state was saved with clip={saved_type}, this guard clips with "
+                    f"{type(self.clip).__name__}: its clip state starts fresh",
+                    GradGuardWarning,
+                    stacklevel=3,
+                )
+            else:
+                self.clip.load_state_dict(state["clip"])
         self._clipped_steps = torch.as_tensor(
             state.get("clipped_steps", 0.0), dtype=torch.float32
         ).to(self._device)

@@ -37,7 +37,8 @@ class HostMirror:
         buffer = self._free.pop() if self._free else None
         if buffer is None or buffer.numel() != packet.numel():
             buffer = torch.empty(packet.numel(), dtype=torch.float32, pin_memory=True)
-        buffer.copy_(packet, non_blocking=True)
+        # Only CUDA gets an event to say when the copy is done; elsewhere copy synchronously.
+        buffer.copy_(packet, non_blocking=packet.device.type == "cuda")
         event: Any = None
         if packet.device.type == "cuda":
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]

@@ -477,3 +477,46 @@ def test_fp16_gradient_norms_beyond_the_fp16_range_are_finite() -> None:
     expected = 30000.0 * math.sqrt(20)
     assert sink.latest("gradguard/grad_norm_total") == pytest.approx(expected, rel=1e-3)
     assert sink.latest("gradguard/nonfinite_steps") == 0.0
+
+
+def test_attach_again_continues_with_the_same_sinks_and_clip_history() -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sink = gg.MemorySink()
+    clip = gg.AutoClip(history=50)
+    guard = gg.GradGuard(sinks=[sink], clip=clip, log_every_n_steps=1, **quiet())  # type: ignore[arg-type]
+    guard.attach(model, opt)
+    for _ in range(3):
+        one_step(model, opt)
+    history = clip.state_dict()["ring"].clone()
+    guard.detach()
+    guard.attach(model, opt)
+    assert torch.equal(clip.state_dict()["ring"].nan_to_num(-1.0), history.nan_to_num(-1.0))
+    for _ in range(2):
+        one_step(model, opt)
+    assert [s for s, _ in sink.scalars["gradguard/grad_norm_total"]] == [0, 1, 2, 3, 4]
+    guard.close()
+
+
+def test_a_state_saved_with_another_clip_starts_the_clip_fresh() -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    saving = gg.attach(model, opt, clip=gg.ZClip(), **quiet())
+    one_step(model, opt)
+    state = saving.state_dict()
+    saving.detach()
+    guard = gg.GradGuard(clip=gg.AutoClip(), **quiet())  # type: ignore[arg-type]
+    guard.load_state_dict(state)
+    with pytest.warns(gg.GradGuardWarning, match="saved with clip=ZClip.*starts fresh"):
+        guard.attach(model, opt)
+    one_step(model, opt)
+    assert guard.step == 2
+
+
+def test_a_failed_attach_leaves_nothing_behind() -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(gg.ConfigurationError, match="exclude"):
+        gg.attach(model, opt, clip=gg.AGC(exclude=("nope",)))
+    assert _hook_counts(model, opt) == (0, 0, 0, 0)
+    gg.attach(model, opt, **quiet()).detach()  # the optimizer is free again
