@@ -371,7 +371,7 @@ def train_one(
                     progress.write(f"  {kind}: {record.message}")
     finally:
         progress.close()
-        guard.detach()
+        guard.close()  # detach and close the TensorBoard / W&B sinks
     seconds = time.perf_counter() - start
     return RunResult(
         label=label,
