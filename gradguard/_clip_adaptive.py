@@ -12,7 +12,6 @@ from ._clipping import (
     ClipContext,
     ClipResult,
     ClipStrategy,
-    _local,
     _nan,
     _stacked_norms,
     clip_coef,
@@ -20,6 +19,7 @@ from ._clipping import (
 )
 from ._errors import ConfigurationError, check_choice, check_number, check_positive_int
 from ._layers import LayerLayout
+from ._stats import local_tensor as _local
 
 __all__ = ["AGC", "AutoClip", "ZClip"]
 

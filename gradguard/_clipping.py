@@ -17,6 +17,7 @@ import torch
 from ._errors import ConfigurationError, check_number
 from ._layers import LayerLayout
 from ._stats import GradNorms
+from ._stats import local_tensor as _local
 
 __all__ = [
     "ClipContext",
@@ -30,11 +31,6 @@ __all__ = [
 
 # Added to the norm in the denominator of the scale, as torch's clip_grad_norm_ does.
 _EPS = 1e-6
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if to_local is not None and type(tensor).__name__ == "DTensor" else tensor
 
 
 @dataclass

@@ -78,10 +78,6 @@ _TABLE_WORDS = ("embed", "pos", "token", "cls")
 _KINDS = ("vanishing", "exploding")
 
 
-def _finite(value: float) -> bool:
-    return value == value and value not in (float("inf"), float("-inf"))
-
-
 def _is_weight_layer(module: nn.Module, owned: list[tuple[str, int]]) -> bool:
     """``owned``: (parameter name, ndim) of the parameters this layer owns and trains."""
     if isinstance(module, _NO_DEPTH_TYPES):
@@ -248,7 +244,7 @@ class GradientFlowDetector:
             if not view.present[i] or not self.is_weight_layer(name):
                 continue
             grad = view.grad_norm[i]
-            if not _finite(grad):
+            if not math.isfinite(grad):
                 return []  # the guard reports NaN/Inf itself; no profile from a broken step
             if grad == 0.0:
                 zero.append(name)
@@ -256,7 +252,7 @@ class GradientFlowDetector:
             names.append(name)
             grads.append(grad)
             weights.append(view.param_norm[i] if view.param_norm is not None else float("nan"))
-        if not _finite(view.total):
+        if not math.isfinite(view.total):
             return []
         self._remember_early(view, names, grads, weights)
         logs = [math.log10(g) for g in grads]
@@ -317,7 +313,9 @@ class GradientFlowDetector:
     ) -> None:
         if self._init_gain is None and self._rows is not None and names:
             gains = [
-                w / math.sqrt(self._rows[n]) for n, w in zip(names, weights) if _finite(w) and w > 0
+                w / math.sqrt(self._rows[n])
+                for n, w in zip(names, weights)
+                if math.isfinite(w) and w > 0
             ]
             if gains:
                 self._init_gain = statistics.median(gains)
@@ -331,7 +329,9 @@ class GradientFlowDetector:
     ) -> tuple[str, tuple[str, ...], float, dict[str, Any]] | None:
         if self.grad_to_weight is not None and names:
             ratios = [
-                (g / w, i) for i, (g, w) in enumerate(zip(grads, weights)) if _finite(w) and w > 0
+                (g / w, i)
+                for i, (g, w) in enumerate(zip(grads, weights))
+                if math.isfinite(w) and w > 0
             ]
             if ratios:
                 median = statistics.median(r for r, _ in ratios)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import warnings
 import weakref
@@ -32,6 +33,7 @@ from ._protocols import Detector, HostView, Monitor
 from ._sinks import Sink, SinkSet
 from ._spike import SpikeDetector
 from ._stats import GradNormComputer, GradNorms
+from ._stats import local_tensor as _local
 
 __all__ = ["GradGuard", "attach"]
 
@@ -53,10 +55,6 @@ def _rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return int(torch.distributed.get_rank())
     return int(os.environ.get("RANK", "0") or 0)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if type(tensor).__name__ == "DTensor" else tensor  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -506,7 +504,7 @@ class GradGuard:
             bad = [
                 layout.names[i]
                 for i in reversed(range(layout.num_layers))
-                if not _finite(layer_norms[i])
+                if not math.isfinite(layer_norms[i])
             ]
             folded = self._throttle.admit("nonfinite", step)
             if folded is not None:
@@ -558,7 +556,7 @@ class GradGuard:
         bad = [
             layout.names[i]
             for i in reversed(range(layout.num_layers))
-            if not _finite(layer_norms[i])
+            if not math.isfinite(layer_norms[i])
         ]
         message, advice = nonfinite_text(bad, layout.num_layers, "raise", skipped=False)
         message = message.replace(
@@ -787,10 +785,6 @@ class GradGuard:
 
 def _same_step(step: int) -> int:
     return step
-
-
-def _finite(value: float) -> bool:
-    return value == value and value not in (float("inf"), float("-inf"))
 
 
 def _find_closure(

@@ -26,7 +26,7 @@ from torch import nn
 from ._errors import GradGuardError
 from ._layers import LayerLayout
 
-__all__ = ["GradNormComputer", "GradNorms", "fsdp1_shard_groups", "layer_norms_of"]
+__all__ = ["GradNormComputer", "GradNorms", "fsdp1_shard_groups", "local_tensor"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -35,7 +35,8 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank-local piece of a DTensor; any other tensor as it is."""
     return tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
@@ -64,7 +65,6 @@ class GradNorms:
     present: torch.Tensor
     grads: list[torch.Tensor]
     grad_layer: list[int]
-    grad_layer_index: torch.Tensor | None = None  # grad_layer on the device (cached)
 
 
 @dataclass(frozen=True)
@@ -265,11 +265,10 @@ class GradNormComputer:
     def __init__(self, layout: LayerLayout, model: nn.Module | None = None) -> None:
         self.layout = layout
         self._cache_key: tuple[int, ...] | None = None
-        self.device: torch.device = _local(layout.params[0]).device
+        self.device: torch.device = local_tensor(layout.params[0]).device
         self._groups: list[_Group] = []
         self._sums: list[_Reduction] = []
         self._present_mask = torch.zeros(layout.num_layers, dtype=torch.bool, device=self.device)
-        self._grad_layer_index = torch.zeros(0, dtype=torch.long, device=self.device)
         self._order: list[int] = []
         self._grad_layer: list[int] = []
         self._fsdp1 = fsdp1_shard_groups(model) if model is not None else {}
@@ -304,7 +303,7 @@ class GradNormComputer:
             for i, grad in zip(present, grads)
         ]
         layers = [layout.param_layer[i] for i in present]
-        locals_ = [_local(g) for g in grads]
+        locals_ = [local_tensor(g) for g in grads]
         self._groups, self._sums = _plan(locals_, reductions, layers, self.device, self._required)
         mask = torch.zeros(layout.num_layers, dtype=torch.bool)
         for i in present:
@@ -313,8 +312,6 @@ class GradNormComputer:
         # Parameter indices in group order: the order of GradNorms.grads.
         self._order = [present[m] for group in self._groups for m in group.members]
         self._grad_layer = [layout.param_layer[i] for i in self._order]
-        # Built once per gradient pattern: a host->device copy here would sync every step.
-        self._grad_layer_index = torch.tensor(self._grad_layer, dtype=torch.long).to(self.device)
         self._cache_key = present
 
     def compute(self, grad_scale: torch.Tensor | None = None) -> GradNorms:
@@ -322,7 +319,7 @@ class GradNormComputer:
         present = tuple(i for i, p in enumerate(params) if p.grad is not None)
         if present != self._cache_key:
             self._group(present)
-        locals_ = [_local(_grad_of(params[i])) for i in present]
+        locals_ = [local_tensor(_grad_of(params[i])) for i in present]
         # Which layers have a gradient, summed over ranks in the same collective: FSDP1 ranks
         # hold gradients of different layers, and "present" must read alike on every rank.
         layer_sq, holders = _sum_squares(
@@ -347,7 +344,6 @@ class GradNormComputer:
             present_mask,
             [_grad_of(params[i]) for i in self._order],
             list(self._grad_layer),
-            self._grad_layer_index,
         )
 
     def layer_norms(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -358,7 +354,7 @@ class GradNormComputer:
         every rank must call this together. Float32 on the device.
         """
         layout = self.layout
-        locals_ = [_local(t) for t in tensors]
+        locals_ = [local_tensor(t) for t in tensors]
         groups, sums = _plan(
             locals_, self._param_reductions, layout.param_layer, self.device, self._required
         )
@@ -370,35 +366,3 @@ def _grad_of(param: torch.Tensor) -> torch.Tensor:
     grad = param.grad
     assert grad is not None
     return grad
-
-
-def layer_norms_of(
-    tensors: list[torch.Tensor],
-    tensor_layer: list[int],
-    num_layers: int,
-    device: torch.device,
-    *,
-    shards_of: Sequence[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Per-layer L2 norms of arbitrary tensors (parameters, updates), float32 on ``device``.
-
-    A DTensor in ``tensors`` is measured on its local shard and summed over its mesh. A
-    plain tensor whose counterpart in ``shards_of`` (same position) is a sharded DTensor is
-    taken as that DTensor's local shard (or a difference of local shards, as for update
-    ratios) and summed the same way. With sharded tensors every rank must call this
-    together: it runs one collective per mesh. (FSDP1 shards are not DTensors: use
-    ``GradNormComputer.layer_norms``, which knows the model.)
-    """
-    if not tensors:
-        return torch.zeros(num_layers, device=device, dtype=torch.float32)
-    references = list(shards_of) if shards_of is not None else list(tensors)
-    if len(references) != len(tensors):
-        raise ValueError("shards_of must have one tensor per tensor measured")
-    reductions = [
-        _dtensor_reduction(t if _is_dtensor(t) else r, f"tensor {i}")
-        for i, (t, r) in enumerate(zip(tensors, references))
-    ]
-    locals_ = [_local(t) for t in tensors]
-    groups, sums = _plan(locals_, reductions, tensor_layer, device)
-    layer_sq, _ = _sum_squares(locals_, groups, sums, num_layers, device)
-    return layer_sq.sqrt().float()
