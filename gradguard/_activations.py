@@ -276,6 +276,8 @@ class ActivationMonitor:
         self._stats = {}
         self._model = self._layout = None
         self._last_start = None
+        # A window of this attachment is not published into the next one (maybe another model).
+        self._ready = self._reading = None
 
     def on_step_end(self, next_step: int) -> None:
         """Called at bind and after every optimizer step with the number of the next step."""

@@ -145,6 +145,7 @@ class WandbSink:
         self._figures_on = self.figure_every_n_logs > 0
         self._unpainted: tuple[dict[str, float], int] | None = None
         self._closed = False
+        self._alerts_on = True
 
     # ------------------------------------------------------------------ the run
     @property
@@ -191,7 +192,9 @@ class WandbSink:
         self._log(run, data)
 
     def log_event(self, event: Event) -> None:
-        if self._closed or event.severity not in self.alert_on or not is_rank_zero():
+        if self._closed or not self._alerts_on or event.severity not in self.alert_on:
+            return
+        if not is_rank_zero():
             return
         now = self._clock()
         last = self._last_alert.get(event.kind)
@@ -202,7 +205,19 @@ class WandbSink:
         levels = self._wandb.AlertLevel
         level = levels.ERROR if event.severity == "error" else levels.WARN
         text = alert_text(event, held_back, None if last is None else now - last)
-        self.run.alert(title=event.title, text=text, level=level, wait_duration=self.alert_interval)
+        try:
+            self.run.alert(
+                title=event.title, text=text, level=level, wait_duration=self.alert_interval
+            )
+        except Exception as error:  # alerts failing never costs the metrics
+            self._alerts_on = False
+            warnings.warn(
+                f"gradguard could not send a W&B alert ({type(error).__name__}: {error}); "
+                "WandbSink goes on logging metrics without alerts.",
+                GradGuardWarning,
+                stacklevel=2,
+            )
+            return
         self._last_alert[event.kind] = now
         self.alerts.append({"title": event.title, "text": text, "level": level.value})
 

@@ -197,6 +197,28 @@ def test_a_nan_storm_gives_one_alert_not_a_hundred(run: Run) -> None:
     assert [a["title"] for a in sink.alerts] == [alerts[0].title]
 
 
+def test_failing_alerts_turn_off_alerts_but_keep_the_metrics(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Offline W&B cannot fail an alert on its own: replacing run.alert with one that raises
+    # stands in for the alerts service being down (the only mock in this file).
+    def broken_alert(**_: Any) -> None:
+        raise ConnectionError("alerts service unreachable")
+
+    monkeypatch.setattr(run.run, "alert", broken_alert)
+    sink = WandbSink(figure_every_n_logs=0)
+    with pytest.warns(gg.GradGuardWarning, match="could not send a W&B alert") as record:
+        _train(
+            dict(log_every_n_steps=10, on_nonfinite="skip", warn=False, sinks=[sink]),
+            steps=40,
+            poison=(5,),
+        )
+    run.finish()
+    assert len(record) == 1
+    steps = [row["gradguard/step"] for row in _gradguard_rows(run.file)]
+    assert steps == [0, 10, 20, 30]
+
+
 def test_alert_interval_holds_back_and_counts(run: Run) -> None:
     now = [0.0]
     sink = WandbSink(alert_on=("warning", "error"), alert_interval=600, clock=lambda: now[0])
