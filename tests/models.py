@@ -50,3 +50,11 @@ def train_steps(
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def separable_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """256 synthetic samples of 16 features in 4 linearly separable classes."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=gen)
+    y = (x @ torch.randn(16, 4, generator=gen)).argmax(1)
+    return x, y

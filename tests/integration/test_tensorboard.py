@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +24,10 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 import gradguard as gg
-from tests.models import mlp
+from tests.models import mlp, separable_data
 
 LAYERS = ["0", "2", "4"]
 RED = np.array([0xC0, 0x39, 0x2B])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one thread is fastest, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 16, generator=gen)
-    y = (x @ torch.randn(16, 4, generator=gen)).argmax(1)
-    return x, y
 
 
 def _train(guard_kwargs: dict[str, Any], steps: int, poison: tuple[int, ...] = ()) -> gg.GradGuard:
@@ -52,7 +35,7 @@ def _train(guard_kwargs: dict[str, Any], steps: int, poison: tuple[int, ...] = (
     torch.manual_seed(0)
     model = mlp([16, 32, 32, 4])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    x, y = _data()
+    x, y = separable_data()
     with gg.attach(model, optimizer, **guard_kwargs) as guard:
         for step in range(steps):
             idx = torch.arange(step * 32, step * 32 + 32) % x.shape[0]

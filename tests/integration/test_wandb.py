@@ -17,7 +17,7 @@ from torch import nn
 
 import gradguard as gg
 from tests import wandb_reader
-from tests.models import mlp
+from tests.models import mlp, separable_data
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,22 +51,6 @@ def run(tmp_path: Path) -> Iterator[Run]:
         live.finish()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one thread is fastest, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 16, generator=gen)
-    y = (x @ torch.randn(16, 4, generator=gen)).argmax(1)
-    return x, y
-
-
 def _train(
     guard_kwargs: dict[str, Any],
     steps: int,
@@ -78,7 +62,7 @@ def _train(
     torch.manual_seed(0)
     model = mlp([16, 32, 32, 4])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    x, y = _data()
+    x, y = separable_data()
     with gg.attach(model, optimizer, **guard_kwargs) as guard:
         for step in range(steps):
             idx = torch.arange(step * 32, step * 32 + 32) % x.shape[0]
