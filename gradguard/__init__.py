@@ -8,12 +8,13 @@ to your model and optimizer and detaches cleanly; it never replaces them.
     guard = gg.attach(model, optimizer)
     ...train as usual...
     print(guard.report())
+
+To extend it: subclass ``gg.ClipStrategy`` (a clip rule), ``gg.Detector`` (a pathology:
+return ``gg.Finding`` objects) or write a ``gg.Sink`` (anywhere the metrics should go).
 """
 
-from ._activations import ActivationMonitor
-from ._clip_adaptive import AGC, AutoClip, ZClip
-from ._clipping import ClipStrategy, NormClip, ValueClip
-from ._diagnosis import GradientFlowDetector
+from ._config import GuardOptions
+from ._debounce import Finding
 from ._errors import (
     ConfigurationError,
     GradGuardError,
@@ -21,11 +22,21 @@ from ._errors import (
     GradientAlarmError,
     MissingDependencyError,
 )
-from ._events import Event
+from ._events import EVENT_KINDS, Event
 from ._guard import GradGuard, attach
-from ._protocols import HostView
+from ._keys import MetricKeys, StepMetrics
+from ._policy import StepDecision
 from ._sinks import LoggingSink, MemorySink, Sink
-from ._spike import SpikeDetector
+from ._stats import LoggedStats, StepStats
+from .activations import ActivationMonitor
+from .clip import AGC, AutoClip, ClipContext, ClipResult, ClipStrategy, NormClip, ValueClip, ZClip
+from .detect import (
+    Detector,
+    GradientFlowDetector,
+    GuardContext,
+    SpikeDetector,
+    default_detectors,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -33,23 +44,35 @@ __all__ = [
     "AGC",
     "ActivationMonitor",
     "AutoClip",
+    "ClipContext",
+    "ClipResult",
     "ClipStrategy",
     "ConfigurationError",
+    "Detector",
+    "EVENT_KINDS",
     "Event",
+    "Finding",
     "GradGuard",
     "GradGuardError",
     "GradGuardWarning",
     "GradientAlarmError",
     "GradientFlowDetector",
-    "HostView",
+    "GuardContext",
+    "GuardOptions",
+    "LoggedStats",
     "LoggingSink",
     "MemorySink",
+    "MetricKeys",
     "MissingDependencyError",
     "NormClip",
     "Sink",
     "SpikeDetector",
+    "StepDecision",
+    "StepMetrics",
+    "StepStats",
     "ValueClip",
     "ZClip",
     "__version__",
     "attach",
+    "default_detectors",
 ]

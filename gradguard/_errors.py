@@ -62,6 +62,12 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
         raise ConfigurationError.not_one_of(name, value, choices)
 
 
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError.bad_value(name, value, "expected True or False")
+    return value
+
+
 def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigurationError.bad_value(name, value, "expected an integer")

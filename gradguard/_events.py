@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["EVENT_KINDS", "Event", "EventKind", "EventThrottle", "Severity"]
+__all__ = ["EVENT_KINDS", "Event", "Severity"]
 
-EventKind = Literal["nonfinite", "spike", "vanishing", "exploding", "dead_units", "saturation"]
 Severity = Literal["warning", "error"]
+# The built-in kinds, most urgent first (the report and the dashboards use this order).
+# Detectors you write may use kinds of their own.
 EVENT_KINDS: tuple[str, ...] = (
     "nonfinite",
     "spike",
@@ -21,14 +22,17 @@ EVENT_KINDS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class Event:
-    """One finding.
+    """One finding, as the user sees it.
 
     ``layers`` are qualified module names, worst first; ``value`` is the number that tripped
     the detector (a z-score, a fraction, a ratio...); ``message`` states the evidence and
-    ``advice`` the one or two remedies that fit it.
+    ``advice`` the one or two remedies that fit it. ``details`` holds the numbers behind
+    them, plus ``occurrences`` (how many times the condition was seen since the last Event
+    of its kind) and ``reminder`` (True when the condition was already reported and is
+    still present).
     """
 
-    kind: EventKind
+    kind: str
     step: int
     layers: tuple[str, ...]
     value: float
@@ -51,42 +55,3 @@ class Event:
         data = asdict(self)
         data["layers"] = list(self.layers)
         return data
-
-
-class EventThrottle:
-    """Debounces a persisting condition: the first occurrence, then one reminder per
-    ``repeat_every`` steps while it keeps recurring within ``gap`` steps of the last one.
-
-    ``admit(kind, step)`` returns ``None`` when the occurrence should stay silent, else the
-    number of occurrences folded into this one (1 for a fresh episode).
-    """
-
-    def __init__(self, repeat_every: int = 100, gap: int = 1) -> None:
-        self.repeat_every = repeat_every
-        self.gap = gap
-        self._last_seen: dict[str, int] = {}
-        self._last_emitted: dict[str, int] = {}
-        self._folded: dict[str, int] = {}
-
-    def admit(self, kind: str, step: int) -> int | None:
-        last_seen = self._last_seen.get(kind)
-        self._last_seen[kind] = step
-        continuing = last_seen is not None and step - last_seen <= self.gap
-        if continuing and step - self._last_emitted.get(kind, step) < self.repeat_every:
-            self._folded[kind] = self._folded.get(kind, 0) + 1
-            return None
-        self._last_emitted[kind] = step
-        folded = self._folded.pop(kind, 0)
-        return folded + 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "last_seen": dict(self._last_seen),
-            "last_emitted": dict(self._last_emitted),
-            "folded": dict(self._folded),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._last_seen = {str(k): int(v) for k, v in state.get("last_seen", {}).items()}
-        self._last_emitted = {str(k): int(v) for k, v in state.get("last_emitted", {}).items()}
-        self._folded = {str(k): int(v) for k, v in state.get("folded", {}).items()}

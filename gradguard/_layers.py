@@ -1,4 +1,11 @@
-"""Which parameters gradguard watches, grouped into named layers in depth order."""
+"""Which parameters gradguard watches, grouped into named layers in depth order.
+
+A layer is a module that owns, directly, parameters that the optimizer holds and that
+require grad; it is named by its qualified name (``root`` for the root module's own).
+``WatchedSet`` notices when that set changes during training (a layer unfrozen, a param
+group added) at the cost of a few attribute reads per step, so the guard re-resolves its
+layout then, and only then.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ from torch import nn
 
 from ._errors import ConfigurationError
 
-__all__ = ["ROOT_LAYER", "LayerLayout", "discover_layers"]
+__all__ = ["ROOT_LAYER", "LayerLayout", "WatchedSet", "discover_layers", "merge_depth_order"]
 
 ROOT_LAYER = "root"
 
@@ -19,10 +26,8 @@ ROOT_LAYER = "root"
 class LayerLayout:
     """The watched parameters and the layer each belongs to.
 
-    ``names`` is in depth order, input first. It starts as module registration order and is
-    replaced by the reverse of the order in which layers received gradients in the first
-    backward pass (see ``GradGuard``), which is the true depth for models whose
-    ``__init__`` registers modules out of order.
+    ``names`` is in depth order, input first: module registration order at first, then the
+    order in which the layers first ran in a training forward pass (see ``_depth.py``).
     """
 
     names: list[str]
@@ -30,7 +35,7 @@ class LayerLayout:
     param_layer: list[int]
     param_names: list[str]
     modules: dict[str, nn.Module] = field(default_factory=dict)
-    depth_from_backward: bool = False
+    depth_known: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -45,7 +50,7 @@ class LayerLayout:
         self.names = list(names_in_depth_order)
 
 
-def _optimizer_params(optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:
+def _held(optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:
     for group in optimizer.param_groups:
         yield from group["params"]
 
@@ -55,10 +60,18 @@ def discover_layers(model: nn.Module, optimizer: torch.optim.Optimizer) -> Layer
     if not isinstance(model, nn.Module):
         raise ConfigurationError.bad_value("model", model, "expected a torch.nn.Module")
     if not isinstance(optimizer, torch.optim.Optimizer):
+        hint = ""
+        if hasattr(optimizer, "optimizer") and isinstance(
+            optimizer.optimizer, torch.optim.Optimizer
+        ):
+            hint = (
+                f"; {type(optimizer).__name__} wraps a torch optimizer: pass "
+                "optimizer.optimizer (the wrapper calls its step)"
+            )
         raise ConfigurationError.bad_value(
-            "optimizer", optimizer, "expected a torch.optim.Optimizer"
+            "optimizer", optimizer, "expected a torch.optim.Optimizer" + hint
         )
-    held = {id(p) for p in _optimizer_params(optimizer)}
+    held = {id(p) for p in _held(optimizer)}
     seen: set[int] = set()
     names: list[str] = []
     params: list[torch.Tensor] = []
@@ -89,3 +102,45 @@ def discover_layers(model: nn.Module, optimizer: torch.optim.Optimizer) -> Layer
             "(and make sure they require grad)"
         )
     return LayerLayout(names, params, param_layer, param_names, modules)
+
+
+def merge_depth_order(known: list[str], names: list[str]) -> list[str]:
+    """``names`` ordered as ``known`` where known, the others kept next to their
+    registration-order neighbours (used when layers join after the depth was learnt)."""
+    rank = {name: i for i, name in enumerate(known)}
+    ordered: list[str] = [name for name in known if name in set(names)]
+    for index, name in enumerate(names):
+        if name in rank:
+            continue
+        # Insert right after the nearest earlier registration neighbour already placed.
+        after = next((n for n in reversed(names[:index]) if n in ordered), None)
+        ordered.insert(ordered.index(after) + 1 if after is not None else 0, name)
+    return ordered
+
+
+class WatchedSet:
+    """Notices, cheaply, when the optimizer's trainable parameters are no longer the
+    layout's: a param group added or changed, or a held parameter that was frozen at
+    attach now receiving gradients.
+
+    ``changed()`` costs one pass over the param groups and over the idle parameters (held
+    but frozen), with no device work.
+    """
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, layout: LayerLayout
+    ) -> None:
+        watched = {id(p) for p in layout.params}
+        owned = {id(p) for p in model.parameters()}
+        self._optimizer = optimizer
+        self._signature = self._groups_signature()
+        self.idle = [p for p in _held(optimizer) if id(p) not in watched and id(p) in owned]
+        self.unowned = sum(1 for p in _held(optimizer) if id(p) not in owned)
+
+    def _groups_signature(self) -> tuple[int, ...]:
+        return tuple(len(g["params"]) for g in self._optimizer.param_groups)
+
+    def changed(self) -> bool:
+        if self._groups_signature() != self._signature:
+            return True
+        return any(p.grad is not None for p in self.idle)

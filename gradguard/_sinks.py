@@ -10,6 +10,7 @@ from typing import Protocol, runtime_checkable
 
 from ._errors import GradGuardWarning, check_number
 from ._events import Event
+from ._ratelimit import RateLimiter
 
 __all__ = ["LoggingSink", "MemorySink", "Sink"]
 
@@ -18,9 +19,20 @@ __all__ = ["LoggingSink", "MemorySink", "Sink"]
 class Sink(Protocol):
     """Anything that receives gradguard's output.
 
-    ``log_scalars`` gets one dict per logging step (metric key -> float), ``log_event`` one
-    call per Event. ``flush`` and ``close`` are called on ``detach()``. A sink that raises
-    is disabled with one warning; training goes on.
+    ``log_scalars`` gets one mapping per logging step (metric key -> float; from the guard
+    it is a ``StepMetrics``, which also carries the typed ``LoggedStats`` as ``.stats``),
+    ``log_event`` one call per Event. ``flush`` is called on ``detach()``, ``close`` on
+    ``close()``. A sink that raises is disabled with one warning; training goes on.
+
+    A sink of your own::
+
+        class PrintSink:
+            def log_scalars(self, scalars, step):
+                print(step, scalars["gradguard/grad_norm_total"])
+            def log_event(self, event):
+                print(event)
+            def flush(self): ...
+            def close(self): ...
     """
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None: ...
@@ -77,8 +89,7 @@ class LoggingSink:
         self.logger = logging.getLogger(logger) if isinstance(logger, str) else logger
         self.min_interval_s = check_number("min_interval_s", min_interval_s, low=0.0)
         self._clock = clock
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._limit = RateLimiter(self.min_interval_s)
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
         if self.logger.isEnabledFor(logging.DEBUG):
@@ -86,13 +97,9 @@ class LoggingSink:
             self.logger.debug("step %d: %s", step, body)
 
     def log_event(self, event: Event) -> None:
-        now = self._clock()
-        last = self._last.get(event.kind)
-        if last is not None and now - last < self.min_interval_s:
-            self._suppressed[event.kind] = self._suppressed.get(event.kind, 0) + 1
+        suppressed = self._limit.admit(event.kind, self._clock())
+        if suppressed is None:
             return
-        self._last[event.kind] = now
-        suppressed = self._suppressed.pop(event.kind, 0)
         extra = f" ({suppressed} similar suppressed)" if suppressed else ""
         # INFO, as the design settles: the GradGuardWarning already raises the alarm.
         self.logger.info("%s [%s]%s", event, event.severity, extra)
@@ -114,6 +121,10 @@ class SinkSet:
 
     def add(self, sink: Sink) -> None:
         self.sinks.append(sink)
+
+    def remove(self, sink: Sink) -> None:
+        if sink in self.sinks:
+            self.sinks.remove(sink)
 
     def _call(self, method: str, *args: object) -> None:
         for sink in list(self.sinks):

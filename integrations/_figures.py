@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from gradguard._advice import fmt
+from gradguard._dist import is_rank_zero
 from gradguard._errors import MissingDependencyError
+from gradguard._keys import StepMetrics
+from gradguard._stats import CLIP_THRESHOLD
+from gradguard.report.advice import fmt
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GradientFlow",
-    "derive_prefix",
-    "gradient_flow_from_scalars",
+    "gradient_flow",
+    "prefix_of",
     "is_rank_zero",
     "render_gradient_flow",
     "require",
@@ -53,22 +53,6 @@ def require(package: str, extra: str) -> None:
         raise MissingDependencyError(package, extra)
 
 
-def is_rank_zero() -> bool:
-    """True unless this process is a non-zero rank of a distributed job."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return int(torch.distributed.get_rank()) == 0
-    return int(os.environ.get("RANK", "0") or 0) == 0
-
-
-def derive_prefix(scalars: Mapping[str, float]) -> str:
-    """The metric-key prefix in use (``gradguard`` unless the guard was given ``prefix=``)."""
-    for marker in ("/grad_norm_total", "/skipped_steps"):
-        for key in scalars:
-            if key.endswith(marker):
-                return key[: -len(marker)]
-    return DEFAULT_PREFIX
-
-
 @dataclass(frozen=True)
 class GradientFlow:
     """Per-layer gradient norms of one logging step, input layer first.
@@ -83,33 +67,27 @@ class GradientFlow:
     threshold: float | None = None
 
 
-def gradient_flow_from_scalars(
-    scalars: Mapping[str, float], step: int, prefix: str
-) -> GradientFlow | None:
-    """Read the figure's data from one logging step's scalars (dict order = depth order).
-
-    Every watched layer has a ``param_norm`` key; a layer without a gradient that step has
-    no ``grad_norm`` key, and is drawn as "no grad" rather than left out.
-    """
-    grad_head, param_head = f"{prefix}/grad_norm/", f"{prefix}/param_norm/"
-    layers = [key[len(param_head) :] for key in scalars if key.startswith(param_head)]
-    grad_layers = [key[len(grad_head) :] for key in scalars if key.startswith(grad_head)]
-    if not layers:
-        layers = grad_layers
-    if not layers:
+def gradient_flow(metrics: Mapping[str, float], step: int) -> GradientFlow | None:
+    """The figure's data, read from the typed statistics a guard sends with its metrics
+    (a ``StepMetrics``); ``None`` for a plain mapping, which carries no layer order."""
+    if not isinstance(metrics, StepMetrics):
         return None
-    norms = tuple(
-        float(scalars[grad_head + name]) if grad_head + name in scalars else None for name in layers
-    )
-    total = scalars.get(f"{prefix}/grad_norm_total")
-    threshold = scalars.get(f"{prefix}/clip/threshold")
+    stats = metrics.stats
+    if not stats.layers:
+        return None
+    threshold = stats.scalars.get(CLIP_THRESHOLD)
     return GradientFlow(
         step=step,
-        layers=tuple(layers),
-        norms=norms,
-        total=float(total) if total is not None else None,
-        threshold=float(threshold) if threshold is not None else None,
+        layers=stats.layers,
+        norms=stats.grad_norm,
+        total=stats.total,
+        threshold=threshold,
     )
+
+
+def prefix_of(metrics: Mapping[str, float]) -> str:
+    """The metric-key prefix of a guard's metrics (``gradguard`` unless set otherwise)."""
+    return metrics.metric_keys.prefix if isinstance(metrics, StepMetrics) else DEFAULT_PREFIX
 
 
 def show(value: float) -> str:

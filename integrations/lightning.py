@@ -47,32 +47,19 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import Unpack
 
-from gradguard._clipping import ClipStrategy
-from gradguard._errors import (
-    ConfigurationError,
-    GradGuardWarning,
-    MissingDependencyError,
-    check_positive_int,
-)
-from gradguard._events import Event
-from gradguard._guard import GradGuard, NonfinitePolicy, SpikePolicy
-from gradguard._protocols import Detector, Monitor
-from gradguard._sinks import Sink
-from gradguard._spike import SpikeDetector
+import gradguard as gg
 
 __all__ = ["GradGuardCallback"]
 
 STATE_VERSION = 1
-# How many guard-step -> global-step entries each optimizer remembers (a logging step is
-# published at most a step or two after it was measured).
-_STEP_MAP_SIZE = 16
 
 _LIGHTNING_IMPORT_ERROR: ImportError | None = None
 if TYPE_CHECKING:
@@ -95,7 +82,7 @@ class _TrainerLoggerSink:
     def log_scalars(self, scalars: Any, step: int) -> None:
         self.logger.log_metrics(dict(scalars), step=step)
 
-    def log_event(self, event: Event) -> None:
+    def log_event(self, event: gg.Event) -> None:
         # A plain logger has no place for text; Events reach warnings and dashboard sinks.
         pass
 
@@ -109,7 +96,7 @@ class _TrainerLoggerSink:
         return f"_TrainerLoggerSink({type(self.logger).__name__})"
 
 
-def _dashboard_sink(logger: Any) -> Sink | None:
+def _dashboard_sink(logger: Any) -> gg.Sink | None:
     """gradguard's own sink for a TensorBoard or W&B logger, on the logger's writer or run."""
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
@@ -117,7 +104,7 @@ def _dashboard_sink(logger: Any) -> Sink | None:
         if isinstance(logger, TensorBoardLogger):
             from gradguard.integrations.tensorboard import TensorBoardSink
 
-            sink: Sink = TensorBoardSink(writer=logger.experiment)
+            sink: gg.Sink = TensorBoardSink(writer=logger.experiment)
             return sink
         if isinstance(logger, WandbLogger):
             from gradguard.integrations.wandb import WandbSink
@@ -130,8 +117,8 @@ def _dashboard_sink(logger: Any) -> Sink | None:
     return None
 
 
-def _sinks_for(loggers: Iterable[Any]) -> list[Sink]:
-    sinks: list[Sink] = []
+def _sinks_for(loggers: Iterable[Any]) -> list[gg.Sink]:
+    sinks: list[gg.Sink] = []
     for logger in loggers:
         sink = _dashboard_sink(logger)
         sinks.append(sink if sink is not None else _TrainerLoggerSink(logger))
@@ -142,31 +129,20 @@ def _sinks_for(loggers: Iterable[Any]) -> list[Sink]:
 class _Watch:
     """One optimizer watched by one guard, and the adapter's bookkeeping around its steps."""
 
-    guard: GradGuard
+    guard: gg.GradGuard
     optimizer: torch.optim.Optimizer
-    borrowed: list[Sink]
+    borrowed: list[gg.Sink]
     handles: list[RemovableHandle] = field(default_factory=list)
-    global_steps: dict[int, int] = field(default_factory=dict)
-    last_global_step: int = 0
     inside_step: bool = False
     measured_in_step: bool = False
     scaler_skip: torch.Tensor | None = None
-
-    def sink_step(self, step: int) -> int:
-        return self.global_steps.get(step, self.last_global_step)
-
-    def remember(self, step: int, global_step: int) -> None:
-        self.global_steps[step] = global_step
-        self.last_global_step = global_step
-        for old in [s for s in self.global_steps if s <= step - _STEP_MAP_SIZE]:
-            del self.global_steps[old]
 
 
 class GradGuardCallback(_CallbackBase):
     """Watches gradients in a Lightning ``Trainer``: ``Trainer(callbacks=[GradGuardCallback()])``.
 
     Takes the keyword arguments of ``gg.GradGuard`` (see there) and validates them here, at
-    construction. ``log_every_n_steps=None`` (default) follows the Trainer's
+    construction. Without ``log_every_n_steps`` it follows the Trainer's
     ``log_every_n_steps``. ``sinks`` are added to the Trainer's own loggers, which always
     receive the metrics. See the module docstring for how the hooks line up with Lightning.
 
@@ -179,57 +155,25 @@ class GradGuardCallback(_CallbackBase):
             (``gradient_clip_val``) while gradguard clips.
     """
 
-    def __init__(
-        self,
-        *,
-        clip: float | ClipStrategy | None = None,
-        on_nonfinite: NonfinitePolicy = "warn",
-        on_spike: SpikePolicy = "warn",
-        spike: SpikeDetector | None = None,
-        activations: bool | Monitor = True,
-        log_every_n_steps: int | None = None,
-        sinks: Iterable[Sink] = (),
-        detectors: Sequence[Detector] | None = None,
-        update_ratio: bool | Literal["auto"] = "auto",
-        prefix: str = "gradguard",
-        warn: bool = True,
-        repeat_every: int = 100,
-    ) -> None:
+    def __init__(self, **options: Unpack[gg.GuardOptions]) -> None:
         if _LIGHTNING_IMPORT_ERROR is not None:
-            raise MissingDependencyError("lightning", "lightning") from _LIGHTNING_IMPORT_ERROR
+            raise gg.MissingDependencyError("lightning", "lightning") from _LIGHTNING_IMPORT_ERROR
         super().__init__()
-        if log_every_n_steps is not None:
-            check_positive_int("log_every_n_steps", log_every_n_steps)
-        self._log_every_n_steps = log_every_n_steps
-        self._user_sinks = list(sinks)
-        options: dict[str, Any] = {
-            "clip": clip,
-            "on_nonfinite": on_nonfinite,
-            "on_spike": on_spike,
-            "spike": spike,
-            "activations": activations,
-            "detectors": detectors,
-            "update_ratio": update_ratio,
-            "prefix": prefix,
-            "warn": warn,
-            "repeat_every": repeat_every,
-        }
+        every: Any = options.pop("log_every_n_steps", None)
+        self._log_every_n_steps: int | None = every
+        self._user_sinks = list(options.pop("sinks", ()))
+        # Constructed now so that every argument is validated at construction.
+        self.guard = self._new_guard(dict(options), every if every is not None else 50)
         # A pristine copy for the guards of further optimizers (each needs its own clip,
         # spike and detector state), taken before the first guard starts mutating them.
         self._template: dict[str, Any] | None = None
         self._template_error: Exception | None = None
         try:
-            self._template = copy.deepcopy(options)
+            self._template = copy.deepcopy(dict(options))  # before the guard mutates state
         except Exception as exc:  # an option that cannot be copied only matters for 2+ optimizers
             self._template_error = exc
-        # Constructed now so that every argument is validated at construction.
-        self.guard = GradGuard(
-            **options,
-            sinks=self._user_sinks,
-            log_every_n_steps=log_every_n_steps if log_every_n_steps is not None else 50,
-        )
-        self._prefix = prefix
-        self.guards: list[GradGuard] = [self.guard]
+        self._prefix = self.guard.prefix
+        self.guards: list[gg.GradGuard] = [self.guard]
         self._watches: list[_Watch] = []
         self._by_optimizer: dict[int, _Watch] = {}
         self._pending_states: list[dict[str, Any]] | None = None
@@ -244,7 +188,7 @@ class GradGuardCallback(_CallbackBase):
         return f"GradGuardCallback({self.guard!r}, optimizers={len(self._watches)})"
 
     @property
-    def events(self) -> list[Event]:
+    def events(self) -> list[gg.Event]:
         """Every guard's Events, oldest first."""
         found = [event for guard in self.guards for event in guard.events]
         return sorted(found, key=lambda event: event.step)
@@ -274,18 +218,22 @@ class GradGuardCallback(_CallbackBase):
             return
         if watch.inside_step and watch.measured_in_step:
             return  # the closure ran again inside one step (LBFGS): one decision per step
-        guard = watch.guard
-        guard.after_optimizer_step()  # closes a step the optimizer never took (scaler overflow)
-        watch.remember(guard.step, trainer.global_step)
-        found_inf = self._scaler_found_inf(optimizer) if self._scaler is not None else None
-        guard.before_optimizer_step(found_inf=found_inf)
+        found_inf = None
+        fused_under_scaler = False
+        if self._scaler is not None:
+            found_inf = self._scaler_found_inf(watch.optimizer)
+            fused_under_scaler = found_inf is not None and bool(
+                getattr(watch.optimizer, "_step_supports_amp_scaling", False)
+            )
+        # Fused optimizer under a GradScaler: scaler.step() sets optimizer.found_inf itself
+        # (it would overwrite gradguard's skip flag) and deletes it after the step. So the
+        # flag travels to our step pre-hook, which merges it into the scaler's.
+        decision = watch.guard.before_step(
+            found_inf=found_inf, sink_step=trainer.global_step, apply_skip=not fused_under_scaler
+        )
+        if fused_under_scaler and decision.skip is None:
+            watch.scaler_skip = decision.skip_flag
         watch.measured_in_step = watch.inside_step
-        if self._scaler is not None and "found_inf" in optimizer.__dict__:
-            # Fused optimizer under a GradScaler: scaler.step() sets optimizer.found_inf
-            # itself (overwriting gradguard's skip flag) and deletes it after the step. So
-            # the flag travels to our step pre-hook, which merges it into the scaler's.
-            watch.scaler_skip = optimizer.__dict__.pop("found_inf")
-            guard._found_inf_saved = None
 
     def on_train_batch_end(
         self,
@@ -296,7 +244,7 @@ class GradGuardCallback(_CallbackBase):
         batch_idx: int,
     ) -> None:
         for watch in self._watches:
-            watch.guard.after_optimizer_step()  # no-op unless a step was never taken
+            watch.guard.after_step()  # no-op unless a step was never taken (scaler overflow)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
@@ -318,17 +266,18 @@ class GradGuardCallback(_CallbackBase):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         states = state_dict.get("guards") if isinstance(state_dict, dict) else None
         if not isinstance(states, list) or not all(isinstance(s, dict) for s in states):
-            raise ConfigurationError.bad_value(
+            raise gg.ConfigurationError.bad_value(
                 "state_dict", type(state_dict).__name__, "expected a GradGuardCallback state_dict"
             )
         if int(state_dict.get("version", 0)) > STATE_VERSION:
-            raise ConfigurationError(
+            raise gg.ConfigurationError(
                 f"GradGuardCallback state version {state_dict['version']} is newer than this "
                 f"gradguard understands ({STATE_VERSION}); upgrade gradguard"
             )
         if self._watches:
             # Some strategies restore callbacks after fit start: the guards are attached.
-            self._apply_states(states, [watch.guard for watch in self._watches])
+            for state, watch in zip(states, self._watches):
+                watch.guard.load_state_dict(state)
         else:
             self._pending_states = [dict(s) for s in states]
 
@@ -336,29 +285,31 @@ class GradGuardCallback(_CallbackBase):
     def _check_trainer(self, trainer: pl.Trainer) -> None:
         clip_val = getattr(trainer, "gradient_clip_val", None)
         if self.guard.clip is not None and clip_val is not None and float(clip_val) > 0:
-            raise ConfigurationError(
+            raise gg.ConfigurationError(
                 f"Trainer(gradient_clip_val={clip_val!r}) and GradGuardCallback(clip="
                 f"{self.guard.clip!r}) would clip the gradients twice, which is never what you "
                 "want. Keep one: drop gradient_clip_val (gradguard clips and logs the threshold "
                 "and the coefficient), or pass clip=None (gradguard observes and Lightning clips)."
             )
 
-    def _guards_for(self, count: int) -> list[GradGuard]:
+    def _guards_for(self, count: int) -> list[gg.GradGuard]:
         while len(self.guards) < count:
             if self._template is None:
-                raise ConfigurationError(
+                raise gg.ConfigurationError(
                     f"GradGuardCallback needs one guard per optimizer ({count} optimizers), but "
                     f"its options could not be copied for the extra ones: {self._template_error!r}"
                 )
             options = copy.deepcopy(self._template)
-            self.guards.append(
-                GradGuard(
-                    **options,
-                    sinks=self._user_sinks,
-                    log_every_n_steps=self.guard.log_every_n_steps,
-                )
-            )
+            self.guards.append(self._new_guard(options, self.guard.log_every_n_steps))
         return self.guards[:count]
+
+    def _new_guard(self, options: dict[str, Any], log_every_n_steps: int) -> gg.GradGuard:
+        full: gg.GuardOptions = {
+            **options,  # type: ignore[typeddict-item]
+            "sinks": self._user_sinks,
+            "log_every_n_steps": log_every_n_steps,
+        }
+        return gg.GradGuard(**full)
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
@@ -368,7 +319,7 @@ class GradGuardCallback(_CallbackBase):
                 warnings.warn(
                     "GradGuardCallback found no optimizer (configure_optimizers returned none): "
                     "it watches nothing in this run",
-                    GradGuardWarning,
+                    gg.GradGuardWarning,
                     stacklevel=2,
                 )
             return
@@ -381,7 +332,7 @@ class GradGuardCallback(_CallbackBase):
             warnings.warn(
                 f"the checkpoint holds gradguard state for {len(states)} optimizer(s), this run "
                 f"has {len(guards)}: the state is restored in order, for as many as match",
-                GradGuardWarning,
+                gg.GradGuardWarning,
                 stacklevel=2,
             )
         loggers = list(trainer.loggers) if trainer.is_global_zero else []
@@ -394,21 +345,15 @@ class GradGuardCallback(_CallbackBase):
                 trainer_every = int(getattr(trainer, "log_every_n_steps", 0) or 0)
                 guard.log_every_n_steps = trainer_every if trainer_every > 0 else 50
             if states is not None and index < len(states):
-                guard.load_state_dict(states[index])  # kept by the guard, applied by _bind
+                guard.load_state_dict(states[index])  # kept by the guard, applied at bind
             watch = _Watch(guard=guard, optimizer=optimizer, borrowed=_sinks_for(loggers))
             for sink in watch.borrowed:
-                guard.sinks.add(sink)
-            guard._bind(pl_module, optimizer)
-            guard.sink_step = watch.sink_step
-            watch.last_global_step = trainer.global_step
+                guard.add_sink(sink)
+            guard.bind(pl_module, optimizer)
             watch.handles.append(optimizer.register_step_pre_hook(self._make_pre_hook(watch)))
             watch.handles.append(optimizer.register_step_post_hook(self._make_post_hook(watch)))
             self._watches.append(watch)
             self._by_optimizer[id(optimizer)] = watch
-
-    def _apply_states(self, states: list[dict[str, Any]], guards: list[GradGuard]) -> None:
-        for state, guard in zip(states, guards):
-            guard.load_state_dict(state)
 
     @staticmethod
     def _make_pre_hook(watch: _Watch) -> Any:
@@ -429,7 +374,7 @@ class GradGuardCallback(_CallbackBase):
         def post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             watch.inside_step = False
             watch.measured_in_step = False
-            watch.guard.after_optimizer_step()
+            watch.guard.after_step()
 
         return post_hook
 
@@ -467,12 +412,10 @@ class GradGuardCallback(_CallbackBase):
             for handle in watch.handles:
                 handle.remove()
             guard = watch.guard
-            guard.after_optimizer_step()
-            guard.sinks.flush()
+            guard.after_step()
+            guard.detach()  # flushes every sink
             for sink in watch.borrowed:
                 # Borrowed from the Trainer's loggers: flushed, never closed (Lightning is).
-                if sink in guard.sinks.sinks:
-                    guard.sinks.sinks.remove(sink)
-            guard.detach()
+                guard.remove_sink(sink)
         self._watches.clear()
         self._by_optimizer.clear()

@@ -38,20 +38,33 @@ is flushed by ``close()``, never closed: its owner (you, or Lightning) closes it
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from gradguard._dist import is_rank_zero
 from gradguard._errors import GradGuardWarning, MissingDependencyError, check_positive_int
 from gradguard._events import Event
+from gradguard._keys import TOTAL_NORM, MetricKeys
+from gradguard._stats import (
+    CLIP_COEF,
+    CLIP_THRESHOLD,
+    CLIPPED_STEPS,
+    DEAD_FRACTION,
+    GRAD_NORM,
+    NONFINITE_STEPS,
+    PARAM_NORM,
+    SATURATION,
+    SKIPPED_STEPS,
+    SPIKE_ZSCORE,
+    UPDATE_RATIO,
+)
 
 from ._figures import (
     GradientFlow,
-    derive_prefix,
-    gradient_flow_from_scalars,
-    is_rank_zero,
+    gradient_flow,
     layer_norm_histogram_values,
+    prefix_of,
     render_gradient_flow,
     require,
     show,
@@ -72,49 +85,46 @@ def custom_scalars_layout(
     the panel shows no empty charts; the activation charts (dead units, saturation) stay,
     as their first values arrive a few steps later.
     """
-    p = re.escape(prefix)
+    metric_keys = MetricKeys(prefix)
     present = None if keys is None else set(keys)
+    family, exact = metric_keys.family_pattern, metric_keys.scalar_pattern
 
-    def family(name: str) -> str:
-        return rf"^{p}/{name}/.+"
-
-    def exact(name: str) -> str:
-        return rf"^{p}/{name}$"
-
-    def logged(name: str) -> bool:
-        return present is None or any(
-            key == f"{prefix}/{name}" or key.startswith(f"{prefix}/{name}/") for key in present
+    def logged(metric: str) -> bool:
+        if present is None:
+            return True
+        return metric_keys.scalar(metric) in present or any(
+            key.startswith(metric_keys.family(metric)) for key in present
         )
 
-    clip = logged("clip/threshold")
+    clip = logged(CLIP_COEF)
     charts: dict[str, list[Any]] = {
         (
             "gradient norm: total (before clipping) and clip threshold"
             if clip
             else "gradient norm: total"
-        ): ["Multiline", [exact("grad_norm_total"), exact("clip/threshold")]],
-        "gradient norm per layer": ["Multiline", [family("grad_norm")]],
+        ): ["Multiline", [exact(TOTAL_NORM), exact(CLIP_THRESHOLD)]],
+        "gradient norm per layer": ["Multiline", [family(GRAD_NORM)]],
         "skipped steps (and steps with NaN/Inf gradients)": [
             "Multiline",
-            [exact("skipped_steps"), exact("nonfinite_steps")],
+            [exact(SKIPPED_STEPS), exact(NONFINITE_STEPS)],
         ],
         "dead units per layer (fraction that never fired)": [
             "Multiline",
-            [family("dead_fraction")],
+            [family(DEAD_FRACTION)],
         ],
         "saturated outputs per layer (fraction in the flat tails)": [
             "Multiline",
-            [family("saturation")],
+            [family(SATURATION)],
         ],
     }
-    if logged("update_ratio"):
-        charts["update / parameter norm ratio per layer"] = ["Multiline", [family("update_ratio")]]
-    charts["parameter norm per layer"] = ["Multiline", [family("param_norm")]]
+    if logged(UPDATE_RATIO):
+        charts["update / parameter norm ratio per layer"] = ["Multiline", [family(UPDATE_RATIO)]]
+    charts["parameter norm per layer"] = ["Multiline", [family(PARAM_NORM)]]
     if clip:
-        charts["clip coefficient (1 = not clipped)"] = ["Multiline", [exact("clip/coef")]]
-        charts["clipped steps (count)"] = ["Multiline", [exact("clip/clipped_steps")]]
-    if logged("spike/zscore"):
-        charts["gradient-norm spike z-score"] = ["Multiline", [exact("spike/zscore")]]
+        charts["clip coefficient (1 = not clipped)"] = ["Multiline", [exact(CLIP_COEF)]]
+        charts["clipped steps (count)"] = ["Multiline", [exact(CLIPPED_STEPS)]]
+    if logged(SPIKE_ZSCORE):
+        charts["gradient-norm spike z-score"] = ["Multiline", [exact(SPIKE_ZSCORE)]]
     return {prefix: charts}
 
 
@@ -191,7 +201,7 @@ class TensorBoardSink:
         if self._closed or not scalars or not is_rank_zero():
             return
         if self.prefix is None:
-            self.prefix = derive_prefix(scalars)
+            self.prefix = prefix_of(scalars)
         writer = self.writer
         if not self._layout_written:
             writer.add_custom_scalars(custom_scalars_layout(self.prefix, scalars))
@@ -201,7 +211,7 @@ class TensorBoardSink:
         self._logs += 1
         if not (self._figures_on or self.histograms):
             return
-        flow = gradient_flow_from_scalars(scalars, step, self.prefix)
+        flow = gradient_flow(scalars, step)
         if flow is None:
             return
         every = self.figure_every_n_logs or 10  # histograms alone keep the same modest rate
@@ -213,10 +223,8 @@ class TensorBoardSink:
     def log_event(self, event: Event) -> None:
         if self._closed or not is_rank_zero():
             return
-        prefix = self.prefix or "gradguard"
-        self.writer.add_text(
-            f"{prefix}/events/{event.kind}", event_markdown(event), global_step=event.step
-        )
+        tag = MetricKeys(self.prefix or "gradguard").event_tag(event.kind)
+        self.writer.add_text(tag, event_markdown(event), global_step=event.step)
 
     def flush(self) -> None:
         """Write what is pending (the figure of the last logging step) and flush the file."""
@@ -238,14 +246,14 @@ class TensorBoardSink:
     # ------------------------------------------------------------------ figure, histogram
     def _draw(self, flow: GradientFlow) -> None:
         self._unpainted = None
-        prefix = self.prefix or "gradguard"
+        metric_keys = MetricKeys(self.prefix or "gradguard")
         if self.histograms:
             import numpy as np
 
             values = layer_norm_histogram_values(flow)
             if values:
                 self.writer.add_histogram(
-                    f"{prefix}/grad_norm_log10_across_layers",
+                    metric_keys.figure("grad_norm_log10_across_layers"),
                     np.asarray(values, dtype=np.float64),
                     global_step=flow.step,
                 )
@@ -263,7 +271,7 @@ class TensorBoardSink:
             )
             return
         self.writer.add_image(
-            f"{prefix}/gradient_flow", image, global_step=flow.step, dataformats="HWC"
+            metric_keys.figure("gradient_flow"), image, global_step=flow.step, dataformats="HWC"
         )
 
     def __repr__(self) -> str:

@@ -41,6 +41,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from gradguard._dist import is_rank_zero
 from gradguard._errors import (
     GradGuardError,
     GradGuardWarning,
@@ -50,11 +51,13 @@ from gradguard._errors import (
     check_positive_int,
 )
 from gradguard._events import Event
+from gradguard._keys import TOTAL_NORM, MetricKeys
+from gradguard._ratelimit import RateLimiter
+from gradguard._stats import SKIPPED_STEPS
 
 from ._figures import (
-    derive_prefix,
-    gradient_flow_from_scalars,
-    is_rank_zero,
+    gradient_flow,
+    prefix_of,
     render_gradient_flow,
     require,
     show,
@@ -63,6 +66,8 @@ from ._figures import (
 __all__ = ["WandbSink", "alert_text"]
 
 SEVERITIES = ("warning", "error")
+STEP_METRIC = "step"  # gradguard's own step metric in the run (see the module docstring)
+FIGURE = "gradient_flow"
 
 
 def _ago(seconds: float) -> str:
@@ -139,11 +144,10 @@ class WandbSink:
         self._defined = False
         self._logs = 0
         self._open_row_at: int | None = None  # the run's step while our last row is open
-        self._last_alert: dict[str, float] = {}
-        self._held_back: dict[str, int] = {}
+        self._limit = RateLimiter(self.alert_interval)
         self.alerts: deque[dict[str, str]] = deque(maxlen=100)
         self._figures_on = self.figure_every_n_logs > 0
-        self._unpainted: tuple[dict[str, float], int] | None = None
+        self._unpainted: tuple[Mapping[str, float], int] | None = None
         self._closed = False
         self._alerts_on = True
 
@@ -160,35 +164,35 @@ class WandbSink:
                 )
         return self._run
 
-    def _define_metrics(self, run: Any, prefix: str) -> None:
+    def _define_metrics(self, run: Any, keys: MetricKeys) -> None:
         self._defined = True
-        step = f"{prefix}/step"
+        step = keys.scalar(STEP_METRIC)
         run.define_metric(step)
-        run.define_metric(f"{prefix}/*", step_metric=step)
-        run.define_metric(f"{prefix}/grad_norm_total", step_metric=step, summary="max,last")
-        run.define_metric(f"{prefix}/skipped_steps", step_metric=step, summary="max")
+        run.define_metric(keys.scalar("*"), step_metric=step)
+        run.define_metric(keys.scalar(TOTAL_NORM), step_metric=step, summary="max,last")
+        run.define_metric(keys.scalar(SKIPPED_STEPS), step_metric=step, summary="max")
 
     # ------------------------------------------------------------------ Sink protocol
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
         if self._closed or not scalars or not is_rank_zero():
             return
         if self.prefix is None:
-            self.prefix = derive_prefix(scalars)
-        prefix = self.prefix
+            self.prefix = prefix_of(scalars)
+        keys = MetricKeys(self.prefix)
         run = self.run
         if not self._defined:
-            self._define_metrics(run, prefix)
+            self._define_metrics(run, keys)
         data: dict[str, Any] = {key: float(value) for key, value in scalars.items()}
-        data[f"{prefix}/step"] = step
+        data[keys.scalar(STEP_METRIC)] = step
         self._logs += 1
         self._unpainted = None
         if self._figures_on:
             if (self._logs - 1) % self.figure_every_n_logs == 0:
-                image = self._figure(scalars, step, prefix)
+                image = self._figure(scalars, step)
                 if image is not None:
-                    data[f"{prefix}/gradient_flow"] = image
+                    data[keys.figure(FIGURE)] = image
             else:
-                self._unpainted = (dict(scalars), step)
+                self._unpainted = (scalars, step)
         self._log(run, data)
 
     def log_event(self, event: Event) -> None:
@@ -197,11 +201,10 @@ class WandbSink:
         if not is_rank_zero():
             return
         now = self._clock()
-        last = self._last_alert.get(event.kind)
-        if last is not None and now - last < self.alert_interval:
-            self._held_back[event.kind] = self._held_back.get(event.kind, 0) + 1
+        last = self._limit.last(event.kind)
+        held_back = self._limit.admit(event.kind, now)
+        if held_back is None:
             return
-        held_back = self._held_back.pop(event.kind, 0)
         levels = self._wandb.AlertLevel
         level = levels.ERROR if event.severity == "error" else levels.WARN
         text = alert_text(event, held_back, None if last is None else now - last)
@@ -218,7 +221,6 @@ class WandbSink:
                 stacklevel=2,
             )
             return
-        self._last_alert[event.kind] = now
         self.alerts.append({"title": event.title, "text": text, "level": level.value})
 
     def flush(self) -> None:
@@ -229,9 +231,10 @@ class WandbSink:
         if self._unpainted is not None and self.prefix is not None:
             scalars, step = self._unpainted
             self._unpainted = None
-            image = self._figure(scalars, step, self.prefix)
+            image = self._figure(scalars, step)
             if image is not None:
-                data = {f"{self.prefix}/gradient_flow": image, f"{self.prefix}/step": step}
+                keys = MetricKeys(self.prefix)
+                data = {keys.figure(FIGURE): image, keys.scalar(STEP_METRIC): step}
                 if self._open_row_at is not None and self._run_step(self._run) == self._open_row_at:
                     self._run.log(data, commit=False)  # joins our still-open row of that step
                 else:
@@ -270,8 +273,8 @@ class WandbSink:
         run.log(data, commit=False)
         self._open_row_at = now
 
-    def _figure(self, scalars: Mapping[str, float], step: int, prefix: str) -> Any:
-        flow = gradient_flow_from_scalars(scalars, step, prefix)
+    def _figure(self, scalars: Mapping[str, float], step: int) -> Any:
+        flow = gradient_flow(scalars, step)
         if flow is None:
             return None
         try:

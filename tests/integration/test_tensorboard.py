@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from gradguard.integrations._figures import gradient_flow_from_scalars, save_gradient_flow_png
+from gradguard.integrations._figures import GradientFlow, save_gradient_flow_png
 from gradguard.integrations.tensorboard import LAYOUT_TAG, TensorBoardSink, custom_scalars_layout
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -171,8 +171,8 @@ def test_figure_png_for_a_person_to_look_at(nan_run: Any, tmp_path: Path) -> Non
     scalars = {
         key: dict(points)[step] for key, points in memory.scalars.items() if step in dict(points)
     }
-    flow = gradient_flow_from_scalars(scalars, step, "gradguard")
-    assert flow is not None and flow.layers == tuple(LAYERS)
+    norms = tuple(scalars.get(f"gradguard/grad_norm/{name}") for name in LAYERS)
+    flow = GradientFlow(step, tuple(LAYERS), norms, scalars["gradguard/grad_norm_total"])
     path = save_gradient_flow_png(flow, tmp_path / "gradient_flow.png")
     assert _red_pixels(path.read_bytes()) > 1000
 
@@ -275,6 +275,20 @@ def test_missing_backend_names_the_extra(monkeypatch: pytest.MonkeyPatch, missin
         TensorBoardSink("unused")
 
 
+def _metrics(step: int, grad_norm: float) -> gg.StepMetrics:
+    """What a guard sends on a logging step: keyed values plus the typed statistics."""
+    stats = gg.LoggedStats(
+        step=step,
+        sink_step=step,
+        layers=("0",),
+        total=grad_norm,
+        per_layer={"grad_norm": (grad_norm,), "param_norm": (1.0,)},
+        scalars={},
+        present=(True,),
+    )
+    return gg.MetricKeys().flatten(stats)
+
+
 def test_a_failing_figure_keeps_the_scalars(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -288,7 +302,7 @@ def test_a_failing_figure_keeps_the_scalars(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(3):
-            sink.log_scalars({"gradguard/grad_norm/0": 1.0, "gradguard/grad_norm_total": 1.0}, step)
+            sink.log_scalars(_metrics(step, grad_norm=1.0), step)
         sink.close()
     assert len(caught) == 1 and "without figures" in str(caught[0].message)
     acc = _accumulator(tmp_path)

@@ -119,12 +119,16 @@ def test_resume_continues_bit_identically(name: str, load_before_attach: bool) -
         assert torch.equal(got, want)
     want_series = clip_series(straight)
     resumed = {k: clip_series(first)[k] + v for k, v in clip_series(second).items()}
-    assert resumed.keys() == want_series.keys() and len(want_series) == 4
+    # A strategy without one norm limit (value, unit-wise) has no threshold series; ZClip
+    # logs none during its warm-up (nothing is in force then).
+    assert resumed.keys() == want_series.keys() and len(want_series) in (3, 4)
     for key, values in want_series.items():
         got_values = torch.tensor([v for _, v in resumed[key]])
         want_values = torch.tensor([v for _, v in values])
         torch.testing.assert_close(got_values, want_values, rtol=0.0, atol=0.0, equal_nan=True)
-        assert [s for s, _ in resumed[key]] == list(range(STEPS))
+        assert [s for s, _ in resumed[key]] == [s for s, _ in values]
+        if not key.endswith("/threshold"):
+            assert [s for s, _ in values] == list(range(STEPS))
     assert resumed["gradguard/clip/clipped_steps"][-1][1] > 0  # the clip bound somewhere
 
 

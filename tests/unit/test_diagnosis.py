@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import math
 import random
+from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
 
 import gradguard as gg
+from gradguard._debounce import Debouncer
 from gradguard._layers import discover_layers
 from tests.models import digits, mlp
 from tests.syncs import count_syncs
@@ -28,20 +30,70 @@ def view(
     layers: list[str] | None = None,
     params: list[float] | None = None,
     total: float | None = None,
-    scalars: dict[str, float] | None = None,
     update: list[float] | None = None,
-) -> gg.HostView:
+    present: list[bool] | None = None,
+) -> gg.LoggedStats:
     layers = layers if layers is not None else LAYERS[: len(grads)]
-    return gg.HostView(
+    present = present if present is not None else [True] * len(grads)
+    per_layer: dict[str, tuple[float | None, ...]] = {
+        "grad_norm": tuple(g if p else None for g, p in zip(grads, present)),
+        "param_norm": tuple(params if params is not None else [5.0] * len(grads)),
+    }
+    if update is not None:
+        per_layer["update_ratio"] = tuple(update)
+    return gg.LoggedStats(
         step=step,
-        layers=list(layers),
-        grad_norm=list(grads),
-        present=[True] * len(grads),
+        sink_step=step,
+        layers=tuple(layers),
         total=total if total is not None else math.sqrt(sum(g * g for g in grads)),
-        param_norm=params if params is not None else [5.0] * len(grads),
-        update_ratio=update,
-        scalars=scalars or {},
+        per_layer=per_layer,
+        scalars={},
+        present=tuple(present),
     )
+
+
+def bind(
+    detector: gg.GradientFlowDetector,
+    model: nn.Module,
+    *,
+    clip: gg.ClipStrategy | None = None,
+    every: int = 50,
+) -> list[str]:
+    """Bind as a guard would (logging every ``every`` steps); the layer names, depth order."""
+    layout = discover_layers(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    context = gg.GuardContext(model, layout, torch.device("cpu"), every, 100, "warn", "warn", clip)
+    detector.bind(context)
+    return layout.names
+
+
+class Checker:
+    """A detector plus the guard's debouncer: findings in, Events out, as in a guard."""
+
+    def __init__(self, detector: gg.GradientFlowDetector) -> None:
+        self.detector = detector
+        self.debouncer = Debouncer()
+
+    def check(self, stats: gg.LoggedStats) -> list[gg.Event]:
+        if self.detector.context is None:
+            # Unbound: bind to a stand-in model whose layers all have depth.
+            names = OrderedDict((name, nn.Linear(2, 2)) for name in stats.layers)
+            bind(self.detector, nn.Sequential(names))
+        events = [
+            self.debouncer.admit(finding, stats.step) for finding in self.detector.on_log(stats)
+        ]
+        return [e for e in events if e is not None]
+
+
+def checker(detector: gg.GradientFlowDetector) -> Checker:
+    found: Checker | None = getattr(detector, "_test_checker", None)
+    if found is None:
+        found = Checker(detector)
+        detector._test_checker = found  # type: ignore[attr-defined]
+    return found
+
+
+def check(detector: gg.GradientFlowDetector, stats: gg.LoggedStats) -> list[gg.Event]:
+    return checker(detector).check(stats)
 
 
 def feed(
@@ -49,7 +101,7 @@ def feed(
 ) -> list[gg.Event]:
     events: list[gg.Event] = []
     for i, grads in enumerate(profiles):
-        events.extend(detector.check(view(i * every, grads, **kw)))  # type: ignore[arg-type]
+        events.extend(check(detector, view(i * every, grads, **kw)))  # type: ignore[arg-type]
     return events
 
 
@@ -57,7 +109,7 @@ def feed(
 def test_vanishing_fires_after_three_checks_naming_the_input_side_worst_first() -> None:
     detector = gg.GradientFlowDetector()
     assert feed(detector, [VANISHING] * 2) == []  # two checks: not yet sustained
-    (event,) = detector.check(view(100, VANISHING))
+    (event,) = check(detector, view(100, VANISHING))
     assert event.kind == "vanishing" and event.step == 100 and event.severity == "warning"
     # Every input-side layer >= 2 orders below the output side's median, worst first.
     assert event.layers == ("a", "b", "c")
@@ -105,7 +157,7 @@ def test_a_noisy_but_flat_profile_never_fires() -> None:
     detector = gg.GradientFlowDetector()
     for step in range(0, 20_000, 50):
         grads = [g * 10 ** rng.uniform(-0.8, 0.8) for g in FLAT]
-        assert detector.check(view(step, grads)) == []
+        assert check(detector, view(step, grads)) == []
 
 
 def test_a_condition_that_breaks_its_streak_does_not_fire() -> None:
@@ -117,8 +169,8 @@ def test_persisting_condition_is_one_event_then_still_present_reminders() -> Non
     detector = gg.GradientFlowDetector(repeat_every=500)
     events = feed(detector, [VANISHING] * 40)  # steps 0..1950
     assert [e.step for e in events] == [100, 600, 1100, 1600]
-    assert not events[0].details["still_present"]
-    assert events[1].message.startswith("Still present (first reported at step 100): ")
+    assert not events[0].details["reminder"] and events[1].details["reminder"]
+    assert events[1].message.startswith("Still present since step 100: ")
     assert detector.active() == {"vanishing": 100}
 
 
@@ -139,18 +191,17 @@ def test_zero_and_missing_gradients_are_no_signal() -> None:
     # A layer without a gradient this step (present=False) says nothing either.
     stale = [1e-9, 0.3, 0.2, 0.4, 0.5, 0.3]
     for step in (300, 350, 400, 450):
-        partial = view(step, stale)
-        partial.present = [False, *[True] * 5]
-        assert detector.check(partial) == []
+        partial = view(step, stale, present=[False, *[True] * 5])
+        assert check(detector, partial) == []
     assert len(feed(gg.GradientFlowDetector(), [stale] * 3)) == 1
 
 
 def test_a_nonfinite_step_leaves_the_streak_untouched() -> None:
     detector = gg.GradientFlowDetector()
     feed(detector, [VANISHING] * 2)
-    assert detector.check(view(100, [float("nan"), *VANISHING[1:]])) == []
-    assert detector.check(view(110, VANISHING, total=float("inf"))) == []
-    (event,) = detector.check(view(150, VANISHING))
+    assert check(detector, view(100, [float("nan"), *VANISHING[1:]])) == []
+    assert check(detector, view(110, VANISHING, total=float("inf"))) == []
+    (event,) = check(detector, view(150, VANISHING))
     assert event.details["checks"] == 3
 
 
@@ -209,11 +260,11 @@ class Tagger(nn.Module):
         return self.head(self.mid(self.norm(self.proj(self.embed(tokens)))))  # type: ignore[no-any-return]
 
 
-def _bound(model: nn.Module) -> tuple[gg.GradientFlowDetector, list[str]]:
+def _bound(
+    model: nn.Module, clip: gg.ClipStrategy | None = None
+) -> tuple[gg.GradientFlowDetector, list[str]]:
     detector = gg.GradientFlowDetector()
-    layout = discover_layers(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    detector.bind(model, layout)
-    return detector, layout.names
+    return detector, bind(detector, model, clip=clip)
 
 
 def test_embeddings_and_norm_layers_are_not_part_of_the_profile() -> None:
@@ -253,8 +304,10 @@ def test_custom_module_matrices_count_unless_they_are_lookup_tables() -> None:
 
 
 # ---------------------------------------------------------------------------- advice
-def _first_event(model: nn.Module, profile: list[float], **kw: object) -> gg.Event:
-    detector, names = _bound(model)
+def _first_event(
+    model: nn.Module, profile: list[float], clip: gg.ClipStrategy | None = None, **kw: object
+) -> gg.Event:
+    detector, names = _bound(model, clip)
     weight_names = [n for n in names if detector.is_weight_layer(n)]
     assert len(weight_names) == len(profile)
     events = feed(detector, [profile] * 3, layers=weight_names, **kw)  # type: ignore[arg-type]
@@ -300,8 +353,7 @@ def test_exploding_with_large_weights_advises_xavier_he_and_clipping() -> None:
 def test_advice_knows_when_clipping_is_already_on() -> None:
     model = mlp([16] * 5)
     params = [4.0 * math.sqrt(16)] * 4
-    scalars = {"gradguard/clip/coef": 0.01, "gradguard/clip/threshold": 1.0}
-    event = _first_event(model, [3000.0, 4000.0, 2500.0, 2000.0], params=params, scalars=scalars)
+    event = _first_event(model, [3000.0, 4000.0, 2500.0, 2000.0], gg.NormClip(1.0), params=params)
     assert event.advice.startswith("clipping is already on")
     assert "clip=gg.AutoClip()" not in event.advice
 
@@ -313,13 +365,18 @@ def test_state_round_trips_through_a_weights_only_checkpoint() -> None:
     expected = feed(whole, profiles)
 
     first = gg.GradientFlowDetector(repeat_every=500)
-    got = [e for i, p in enumerate(profiles[:5]) for e in first.check(view(i * 50, p))]
+    got = [e for i, p in enumerate(profiles[:5]) for e in check(first, view(i * 50, p))]
     buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
+    # As the guard saves it: the detector's state and the debouncer's episodes.
+    torch.save(
+        {"detector": first.state_dict(), "debouncer": checker(first).debouncer.state_dict()}, buffer
+    )
     buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
     second = gg.GradientFlowDetector(repeat_every=500)
-    second.load_state_dict(torch.load(buffer, weights_only=True))
-    got += [e for i, p in enumerate(profiles[5:], start=5) for e in second.check(view(i * 50, p))]
+    second.load_state_dict(saved["detector"])
+    checker(second).debouncer.load_state_dict(saved["debouncer"])
+    got += [e for i, p in enumerate(profiles[5:], start=5) for e in check(second, view(i * 50, p))]
     assert [(e.step, e.message) for e in got] == [(e.step, e.message) for e in expected]
     assert [e.step for e in got] == [250, 750, 1250]
 

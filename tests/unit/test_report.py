@@ -51,29 +51,24 @@ def _healthy_run() -> gg.GradGuard:
     return _train(model, 60, lr=1e-3, adam=True, log_every_n_steps=10)
 
 
-class _DeadUnitsStub:
-    """A third-party detector (the public Detector protocol) reporting a kind of its own."""
+class _DeadUnitsStub(gg.Detector):
+    """A third-party detector (the public Detector interface) reporting a kind."""
 
-    def check(self, view: gg.HostView) -> list[gg.Event]:
-        if view.step != 4:
+    kinds = ("dead_units",)
+
+    def on_log(self, stats: gg.LoggedStats) -> list[gg.Finding]:
+        if stats.step != 4:
             return []
         return [
-            gg.Event(
+            gg.Finding(
                 "dead_units",
-                view.step,
                 ("4",),
                 0.9,
-                "warning",
                 "90% of units in '4' never fire.",
                 "lower the learning rate.",
+                max_gap=1,  # a one-off: the episode ends at once
             )
         ]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def _broken_run() -> gg.GradGuard:
@@ -93,7 +88,7 @@ def test_healthy_report_gives_the_verdict_and_the_flow_table() -> None:
     lines = report.splitlines()
     assert lines[0] == "gradguard report: 60 optimizer steps, 0 skipped by gradguard"
     assert lines[1] == "Verdict: HEALTHY - no problem found in 60 optimizer steps."
-    assert "Gradient flow at step 50 (input first; depth from the first backward pass):" in report
+    assert "Gradient flow at step 50 (input first; depth from the first forward pass):" in report
     rows = [
         line.split()[0]
         for line in lines
@@ -110,12 +105,17 @@ def test_broken_report_groups_events_by_kind_and_ranks_the_remedies() -> None:
     assert "12 optimizer steps, 2 skipped by gradguard" in report
     assert " ".join(report.split()).startswith(
         "gradguard report: 12 optimizer steps, 2 skipped by gradguard "
-        "Verdict: UNHEALTHY - NaN/Inf gradients (2x, last seen at step 8); "
-        "vanishing gradients (1x, still present); dead units (1x, last seen at step 4). "
+        "Verdict: UNHEALTHY - NaN/Inf gradients (2x, still present); "
+        "vanishing gradients (8x, still present); dead units (1x, last seen at step 4). "
     )
-    events_at = report.index("Events (4), by kind:")
-    nonfinite = report.index("  nonfinite: 2 errors, steps 2-8", events_at)
-    vanishing = report.index("  vanishing: 1 warning, step 3 (still present)", events_at)
+    # NaN at steps 2 and 8 is one intermittent episode: one Event, both steps counted.
+    events_at = report.index("Events (3), by kind:")
+    nonfinite = report.index(
+        "  nonfinite: 1 error, step 2, seen 2 times (still present)", events_at
+    )
+    vanishing = report.index(
+        "  vanishing: 1 warning, step 3, seen 8 times (still present)", events_at
+    )
     dead = report.index("  dead_units: 1 warning, step 4", events_at)
     assert nonfinite < vanishing < dead
     remedies = report[report.index("What to try first:") :].splitlines()

@@ -26,9 +26,9 @@ from typing import Any, Protocol, TextIO
 import torch
 from torch import nn
 
-from ._errors import GradGuardWarning, MissingDependencyError
-from ._guard import GradGuard
-from ._sinks import MemorySink, Sink
+from .._errors import GradGuardWarning, MissingDependencyError
+from .._guard import GradGuard
+from .._sinks import MemorySink, Sink
 
 __all__ = [
     "CASES",
@@ -389,7 +389,7 @@ def train_one(
 # ---------------------------------------------------------------------------- sinks
 def _tensorboard_sink(directory: Path, notes: list[str]) -> Sink | None:
     try:
-        from .integrations.tensorboard import TensorBoardSink
+        from ..integrations.tensorboard import TensorBoardSink
 
         sink: Sink = TensorBoardSink(str(directory))
     except ImportError as error:  # MissingDependencyError is an ImportError too
@@ -423,7 +423,7 @@ def _wandb_run(
     try:
         import wandb
 
-        from .integrations.wandb import WandbSink
+        from ..integrations.wandb import WandbSink
     except ImportError as error:
         raise MissingDependencyError("wandb", "wandb") from error
     mode = _wandb_mode()

@@ -1,133 +1,26 @@
-"""``guard.report()`` and ``guard.summary()``: the run so far, for a person and for a sink."""
+"""``guard.report()``: the run so far, as text a person can act on."""
 
 from __future__ import annotations
 
 import math
 import textwrap
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from ._advice import fmt
-from ._events import EVENT_KINDS
+from .advice import fmt
+from .summary import build_summary, kind_label
 
 if TYPE_CHECKING:
-    from ._guard import GradGuard
+    from .._guard import GradGuard
 
-__all__ = ["build_report", "build_summary"]
+__all__ = ["build_report"]
 
 WIDTH = 100
 BAR_WIDTH = 24
 MAX_ROWS = 40
-TOP_REMEDIES = 3
-
-KIND_LABELS = {
-    "nonfinite": "NaN/Inf gradients",
-    "spike": "gradient spikes",
-    "vanishing": "vanishing gradients",
-    "exploding": "exploding gradients",
-    "dead_units": "dead units",
-    "saturation": "saturated units",
-}
-
-
-def _label(kind: str) -> str:
-    return KIND_LABELS.get(kind, kind.replace("_", " "))
-
-
-def _kind_rank(kind: str) -> int:
-    return EVENT_KINDS.index(kind) if kind in EVENT_KINDS else len(EVENT_KINDS)
-
-
-def _flow_detector(guard: GradGuard) -> Any:
-    from ._diagnosis import GradientFlowDetector
-
-    return next((d for d in guard.detectors if isinstance(d, GradientFlowDetector)), None)
 
 
 def _finite(value: float | None) -> bool:
-    return value is not None and value == value and value not in (float("inf"), float("-inf"))
-
-
-def build_summary(guard: GradGuard) -> dict[str, Any]:
-    """The report as plain data (numbers, strings, lists, dicts): fit for any sink."""
-    events = list(guard.events)
-    counts = Counter(event.kind for event in events)
-    detector = _flow_detector(guard)
-    active: dict[str, int] = detector.active() if detector is not None else {}
-
-    groups: list[dict[str, Any]] = []
-    for kind in sorted(counts, key=_kind_rank):
-        of_kind = [e for e in events if e.kind == kind]
-        latest = of_kind[-1]
-        layers: list[str] = []
-        for event in of_kind:
-            layers.extend(name for name in event.layers if name not in layers)
-        groups.append(
-            {
-                "kind": kind,
-                "label": _label(kind),
-                "count": len(of_kind),
-                "severity": "error" if any(e.severity == "error" for e in of_kind) else "warning",
-                "first_step": of_kind[0].step,
-                "last_step": latest.step,
-                "layers": layers,
-                "message": latest.message,
-                "advice": latest.advice,
-                "first_advice": of_kind[0].advice,
-                "active": kind in active,
-            }
-        )
-    if any(g["severity"] == "error" for g in groups):
-        verdict = "error"
-    elif groups:
-        verdict = "warning"
-    else:
-        verdict = "healthy"
-
-    scalars = guard.last_scalars
-    p = guard.prefix
-    activity: dict[str, float] = dict(detector.latest_activity) if detector is not None else {}
-    for key, value in scalars.items():
-        if key.startswith((f"{p}/dead_fraction/", f"{p}/saturation/")):
-            activity[key] = value
-    layers_data: list[dict[str, Any]] = []
-    for name in guard.layers:
-        layers_data.append(
-            {
-                "name": name,
-                "grad_norm": scalars.get(f"{p}/grad_norm/{name}"),
-                "update_ratio": scalars.get(f"{p}/update_ratio/{name}"),
-                "param_norm": scalars.get(f"{p}/param_norm/{name}"),
-                "in_profile": detector.is_weight_layer(name) if detector is not None else True,
-                "dead_fraction": activity.get(f"{p}/dead_fraction/{name}"),
-                "saturation": activity.get(f"{p}/saturation/{name}"),
-            }
-        )
-    profile = detector.last_profile if detector is not None else {}
-    remedies: list[dict[str, str]] = []
-    ranked = sorted(groups, key=lambda g: (g["severity"] != "error", _kind_rank(g["kind"])))
-    for group in ranked[:TOP_REMEDIES]:
-        remedies.append({"kind": group["kind"], "advice": group["first_advice"]})
-    layout = getattr(guard, "_layout", None)
-    return {
-        "step": guard.step,
-        "logged_step": profile.get("step"),
-        "skipped_steps": guard.skipped_steps,
-        "nonfinite_steps": guard.nonfinite_steps,
-        "verdict": verdict,
-        "healthy": verdict == "healthy",
-        "events": dict(counts),
-        "event_groups": groups,
-        "layers": layers_data,
-        "depth_order": (
-            "backward" if layout is not None and layout.depth_from_backward else "registration"
-        ),
-        "profile_orders": profile.get("orders"),
-        "profile_threshold": detector.orders if detector is not None else None,
-        "zero_grad_layers": list(profile.get("zero_layers", [])),
-        "remedies": remedies,
-        "last_scalars": scalars,
-    }
+    return value is not None and math.isfinite(value)
 
 
 def _headline(summary: dict[str, Any]) -> str:
@@ -138,7 +31,7 @@ def _headline(summary: dict[str, Any]) -> str:
     parts = []
     for group in groups:
         when = "still present" if group["active"] else f"last seen at step {group['last_step']}"
-        parts.append(f"{group['label']} ({group['count']}x, {when})")
+        parts.append(f"{group['label']} ({group['occurrences']}x, {when})")
     word = "UNHEALTHY" if summary["verdict"] == "error" else "NEEDS ATTENTION"
     return f"Verdict: {word} - " + "; ".join(parts) + "."
 
@@ -160,7 +53,10 @@ def _flow_table(summary: dict[str, Any]) -> list[str]:
     high = math.log10(max(norms)) if norms else 0.0
     low = math.log10(min(norms)) if norms else 0.0
     low = min(low, high - 1.0)
-    order = "the first backward pass" if summary["depth_order"] == "backward" else "module order"
+    order = {
+        "forward": "the first forward pass",
+        "saved": "the saved run",
+    }.get(summary["depth_order"], "module order")
     at = f" at step {summary['logged_step']}" if summary["logged_step"] is not None else ""
     lines = [f"Gradient flow{at} (input first; depth from {order}):"]
     name_width = min(40, max(5, *(len(r["name"]) for r in rows)))
@@ -238,6 +134,8 @@ def build_report(guard: GradGuard) -> str:
                 "",
             )
         )
+    for spot in summary["not_observed"]:
+        lines.extend(_wrap(f"Not observed: {spot}.", ""))
     groups = summary["event_groups"]
     if not groups:
         lines += ["", "Events: none."]
@@ -251,12 +149,16 @@ def build_report(guard: GradGuard) -> str:
                 else f"steps {group['first_step']}-{group['last_step']}"
             )
             plural = "s" if group["count"] > 1 else ""
+            seen = group["occurrences"]
             lines.append(
                 f"  {group['kind']}: {group['count']} {group['severity']}{plural}, {span}"
+                + (f", seen {seen} times" if seen > group["count"] else "")
                 + (" (still present)" if group["active"] else "")
             )
             lines.extend(_wrap(group["message"], "    "))
         lines += ["", "What to try first:"]
         for number, remedy in enumerate(summary["remedies"], start=1):
-            lines.extend(_wrap(f"{number}. [{_label(remedy['kind'])}] {remedy['advice']}", "  "))
+            lines.extend(
+                _wrap(f"{number}. [{kind_label(remedy['kind'])}] {remedy['advice']}", "  ")
+            )
     return "\n".join(lines)

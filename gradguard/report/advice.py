@@ -83,9 +83,20 @@ def _names(layers: Sequence[str], limit: int = 3) -> str:
 
 
 def nonfinite_text(
-    layers: Sequence[str], total_layers: int, policy: str, skipped: bool
+    layers: Sequence[str],
+    total_layers: int,
+    policy: str,
+    skipped: bool,
+    *,
+    clipping: str | None = None,
+    inf_only: bool = False,
 ) -> tuple[str, str]:
-    """Message and advice for a NaN/Inf gradient. ``layers`` closest to the loss first."""
+    """Message and advice for a NaN/Inf gradient. ``layers`` closest to the loss first.
+
+    ``clipping``: the clip strategy in use (its name), so the advice never recommends it;
+    ``inf_only``: no NaN was seen, only Inf (which a float32 norm also reads when a finite
+    gradient's norm exceeds 3.4e38).
+    """
     if layers and len(layers) < total_layers:
         where = (
             f"in {len(layers)} of {total_layers} layers, first (closest to the loss) "
@@ -98,7 +109,8 @@ def nonfinite_text(
         if skipped
         else "the optimizer step went ahead with it."
     )
-    message = f"Gradient is NaN/Inf {where}; {outcome}"
+    what = "Inf (or its norm exceeds float32's range, 3.4e38)" if inf_only else "NaN/Inf"
+    message = f"Gradient is {what} {where}; {outcome}"
     if not layers or len(layers) == total_layers:
         advice = (
             "check the loss for log(0), division by zero or sqrt of a negative number, "
@@ -107,7 +119,12 @@ def nonfinite_text(
     else:
         advice = (
             f"look at the forward pass of {_names(layers, 1)} for an overflow (exp, very large "
-            "activations); lower the learning rate and clip gradients (clip=gg.AutoClip())"
+            "activations); lower the learning rate"
+        )
+        advice += (
+            f" ({clipping} is on, but clipping cannot repair a NaN)"
+            if clipping
+            else " and clip gradients (clip=gg.AutoClip())"
         )
     if policy == "warn":
         advice += "; pass on_nonfinite='skip' to keep the weights intact when this happens"
@@ -115,17 +132,41 @@ def nonfinite_text(
     return message, advice
 
 
-def spike_text(norm: float, running: float, zscore: float, skipped: bool) -> tuple[str, str]:
-    """Message and advice for a total gradient norm far above its running mean."""
+def spike_text(
+    norm: float,
+    running: float,
+    zscore: float,
+    skipped: bool,
+    *,
+    clipping: str | None = None,
+    clip_coef: float | None = None,
+) -> tuple[str, str]:
+    """Message and advice for a total gradient norm far above its running mean.
+
+    ``clipping``/``clip_coef``: the clip strategy in use and the scale it applied this
+    step, so the message says what was done and the advice never recommends it again.
+    """
     ratio = norm / running if running > 0 else float("inf")
     message = (
         f"Gradient norm spiked to {fmt(norm)}, {ratio:.1f}x its running mean {fmt(running)} "
-        f"(z-score {zscore:.1f})" + ("; gradguard skipped the step." if skipped else ".")
+        f"(z-score {zscore:.1f})"
     )
     if skipped:
+        message += "; gradguard skipped the step."
+    elif clipping and clip_coef is not None and clip_coef < 1.0:
+        message += f"; {clipping} clipped it to {fmt(norm * clip_coef)}."
+    elif clipping:
+        message += f"; {clipping} did not clip it."
+    else:
+        message += "."
+    if skipped:
+        advice = "if spikes keep coming, lower the learning rate or lengthen the warm-up" + (
+            "." if clipping else "; clip=gg.ZClip() tames them without skipping."
+        )
+    elif clipping:
         advice = (
-            "if spikes keep coming, lower the learning rate or lengthen the warm-up; "
-            "clip=gg.ZClip() tames them without skipping."
+            "a bad batch or too high a learning rate for this phase: lower the learning rate "
+            "or add warm-up; on_spike='skip' drops such steps instead."
         )
     else:
         advice = (
@@ -133,10 +174,6 @@ def spike_text(norm: float, running: float, zscore: float, skipped: bool) -> tup
             "add warm-up, and clip spikes with clip=gg.ZClip() (or on_spike='skip')."
         )
     return message, advice
-
-
-def _still(first_step: int | None) -> str:
-    return "" if first_step is None else f"Still present (first reported at step {first_step}): "
 
 
 def vanishing_text(
@@ -149,11 +186,10 @@ def vanishing_text(
     traits: ModelTraits,
     *,
     update_ratio: float | None = None,
-    first_step: int | None = None,
 ) -> tuple[str, str]:
     """Gradient norms collapse from the output side toward the input side."""
     message = (
-        f"{_still(first_step)}Vanishing gradients: the gradient norm falls {times(10**orders)} "
+        f"Vanishing gradients: the gradient norm falls {times(10**orders)} "
         f"from the output side ({_names(reference_layers, 2)}: median {fmt(reference_norm)}) "
         f"to the input side ({_names(layers)}: {fmt(worst_norm)} at worst), "
         f"over {checks} consecutive checks"
@@ -218,8 +254,6 @@ def exploding_text(
     info: Mapping[str, Any],
     checks: int,
     traits: ModelTraits,
-    *,
-    first_step: int | None = None,
 ) -> tuple[str, str]:
     """Gradients too large, on one of three pieces of ``evidence``.
 
@@ -227,9 +261,7 @@ def exploding_text(
     weight, layers_counted) or ``"rise"`` (total, baseline); ``value`` is the ratio.
     """
     detail = _exploding_detail(evidence, layers, value, info)
-    message = (
-        f"{_still(first_step)}Exploding gradients: {detail}, over {checks} consecutive checks."
-    )
+    message = f"Exploding gradients: {detail}, over {checks} consecutive checks."
     clip = (
         "clipping is already on, which bounds the step but not the cause: "
         if traits.clipping

@@ -1,6 +1,6 @@
 """Gradient-flow diagnosis: vanishing and exploding gradients read from the depth profile.
 
-Runs on logging steps over numbers already on the host (``HostView``): no extra sync.
+Runs on logging steps over numbers already on the host (``LoggedStats``): no extra sync.
 
 Depth order is the guard's: the reverse of the order in which layers received their
 gradients in the first backward pass (input first), or module registration order when no
@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from torch import nn
 
-from ._advice import ModelTraits, exploding_text, vanishing_text
-from ._errors import ConfigurationError, check_number, check_positive_int
-from ._events import Event
-from ._report import build_report, build_summary
+from .._debounce import Finding
+from .._errors import ConfigurationError, check_number, check_positive_int
+from .._stats import DEAD_FRACTION, SATURATION, LoggedStats
+from ..report.advice import ModelTraits, exploding_text, vanishing_text
+from .base import Detector, GuardContext
 
-if TYPE_CHECKING:
-    from ._layers import LayerLayout
-    from ._protocols import Detector, HostView
-
-__all__ = ["GradientFlowDetector", "build_report", "build_summary", "default_detectors"]
+__all__ = ["GradientFlowDetector"]
 
 _WEIGHT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -89,7 +87,7 @@ def _is_weight_layer(module: nn.Module, owned: list[tuple[str, int]]) -> bool:
     )
 
 
-class GradientFlowDetector:
+class GradientFlowDetector(Detector):
     """Finds vanishing and exploding gradients in the per-layer gradient norms.
 
     Each logging step, the weight layers' gradient norms are read in depth order (input
@@ -123,6 +121,8 @@ class GradientFlowDetector:
     Use it through ``GradGuard(detectors=[gg.GradientFlowDetector(orders=3)])``; the default
     guard runs one with these defaults.
     """
+
+    kinds: ClassVar[tuple[str, ...]] = _KINDS
 
     def __init__(
         self,
@@ -159,7 +159,7 @@ class GradientFlowDetector:
         self._static_traits: dict[str, Any] = {}
         self._reset()
         self.last_profile: dict[str, Any] = {}
-        self.latest_activity: dict[str, float] = {}
+        self.latest_activity: dict[str, dict[str, float]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -172,14 +172,15 @@ class GradientFlowDetector:
         self._streak = dict.fromkeys(_KINDS, 0)
         self._clear = dict.fromkeys(_KINDS, 0)
         self._active: dict[str, int] = {}
-        self._last_emitted: dict[str, int] = {}
         self._early_total: list[float] = []
         self._early_layer: dict[str, list[float]] = {}
         self._init_gain: float | None = None
 
     # ------------------------------------------------------------------ binding
-    def bind(self, model: nn.Module, layout: LayerLayout) -> None:
+    def bind(self, context: GuardContext) -> None:
         """Learn which layers have depth and what the model is made of (shapes only, no sync)."""
+        super().bind(context)
+        layout, model = context.layout, context.model
         owned: dict[str, list[tuple[str, int]]] = {}
         rows: dict[str, int] = {}
         for param, index, qualified in zip(layout.params, layout.param_layer, layout.param_names):
@@ -216,11 +217,9 @@ class GradientFlowDetector:
         """Whether ``name`` counts for the depth profile (every layer, before ``bind``)."""
         return self._rows is None or name in self._rows
 
-    def _traits(self, view: HostView) -> ModelTraits:
+    def _traits(self) -> ModelTraits:
         saturating = tuple(self._static_traits.get("saturating", ()))
-        if not saturating and any(
-            key.startswith(f"{view.prefix}/saturation/") for key in self.latest_activity
-        ):
+        if not saturating and self.latest_activity.get(SATURATION):
             saturating = ("sigmoid/tanh",)
         return ModelTraits(
             saturating=saturating,
@@ -228,22 +227,26 @@ class GradientFlowDetector:
             recurrent=self._static_traits.get("recurrent"),
             normalised=bool(self._static_traits.get("normalised", False)),
             init_gain=self._init_gain,
-            clipping=f"{view.prefix}/clip/coef" in view.scalars,
+            clipping=self.context is not None and self.context.clip is not None,
         )
 
     # ------------------------------------------------------------------ the check
-    def check(self, view: HostView) -> list[Event]:
-        for key, value in view.scalars.items():
-            if key.startswith((f"{view.prefix}/dead_fraction/", f"{view.prefix}/saturation/")):
-                self.latest_activity[key] = value
+    def on_log(self, stats: LoggedStats) -> list[Finding]:
+        for metric in (DEAD_FRACTION, SATURATION):
+            values = stats.per_layer.get(metric)
+            if values is not None:
+                seen = {n: v for n, v in zip(stats.layers, values) if v is not None}
+                if seen:
+                    self.latest_activity.setdefault(metric, {}).update(seen)
         names: list[str] = []
         grads: list[float] = []
         weights: list[float] = []
         zero: list[str] = []
-        for i, name in enumerate(view.layers):
-            if not view.present[i] or not self.is_weight_layer(name):
+        param_norm = stats.param_norm
+        for i, name in enumerate(stats.layers):
+            grad = stats.grad_norm[i]
+            if grad is None or not stats.present[i] or not self.is_weight_layer(name):
                 continue
-            grad = view.grad_norm[i]
             if not math.isfinite(grad):
                 return []  # the guard reports NaN/Inf itself; no profile from a broken step
             if grad == 0.0:
@@ -251,12 +254,13 @@ class GradientFlowDetector:
                 continue
             names.append(name)
             grads.append(grad)
-            weights.append(view.param_norm[i] if view.param_norm is not None else float("nan"))
-        if not math.isfinite(view.total):
+            weight = param_norm[i]
+            weights.append(weight if weight is not None else float("nan"))
+        if not math.isfinite(stats.total):
             return []
-        self._remember_early(view, names, grads, weights)
+        self._remember_early(stats, names, grads, weights)
         logs = [math.log10(g) for g in grads]
-        self.last_profile = {"step": view.step, "layers": names, "zero_layers": zero}
+        self.last_profile = {"step": stats.sink_step, "layers": names, "zero_layers": zero}
 
         findings: dict[str, tuple[str, tuple[str, ...], float, dict[str, Any]] | None] = {}
         findings["vanishing"] = None
@@ -280,7 +284,6 @@ class GradientFlowDetector:
                         "reference": reference,
                         "reference_norm": 10**out_median,
                         "worst_norm": grads[worst[0]],
-                        "worst": worst[0],
                     },
                 )
             elif -span >= self.orders:
@@ -298,18 +301,18 @@ class GradientFlowDetector:
                     },
                 )
         if findings["exploding"] is None:
-            findings["exploding"] = self._scale_or_rise(view, names, grads, weights)
+            findings["exploding"] = self._scale_or_rise(stats, names, grads, weights)
 
-        traits = self._traits(view)
-        events: list[Event] = []
+        traits = self._traits()
+        found: list[Finding] = []
         for kind in _KINDS:
-            event = self._debounce(kind, view, findings[kind], traits)
-            if event is not None:
-                events.append(event)
-        return events
+            finding = self._confirm(kind, stats, findings[kind], traits)
+            if finding is not None:
+                found.append(finding)
+        return found
 
     def _remember_early(
-        self, view: HostView, names: list[str], grads: list[float], weights: list[float]
+        self, stats: LoggedStats, names: list[str], grads: list[float], weights: list[float]
     ) -> None:
         if self._init_gain is None and self._rows is not None and names:
             gains = [
@@ -319,13 +322,13 @@ class GradientFlowDetector:
             ]
             if gains:
                 self._init_gain = statistics.median(gains)
-        if len(self._early_total) < self.baseline_checks and view.total > 0:
-            self._early_total.append(view.total)
+        if len(self._early_total) < self.baseline_checks and stats.total > 0:
+            self._early_total.append(stats.total)
             for name, grad in zip(names, grads):
                 self._early_layer.setdefault(name, []).append(grad)
 
     def _scale_or_rise(
-        self, view: HostView, names: list[str], grads: list[float], weights: list[float]
+        self, stats: LoggedStats, names: list[str], grads: list[float], weights: list[float]
     ) -> tuple[str, tuple[str, ...], float, dict[str, Any]] | None:
         if self.grad_to_weight is not None and names:
             ratios = [
@@ -348,10 +351,10 @@ class GradientFlowDetector:
         if (
             self.rise_orders is not None
             and len(self._early_total) >= self.baseline_checks
-            and view.step > 0
+            and stats.step > 0
         ):
             baseline = statistics.median(self._early_total)
-            rise = view.total / baseline if baseline > 0 else 0.0
+            rise = stats.total / baseline if baseline > 0 else 0.0
             if rise >= 10**self.rise_orders:
                 per_layer: list[tuple[float, str]] = []
                 for i, name in enumerate(names):
@@ -362,16 +365,18 @@ class GradientFlowDetector:
                 rising = [n for r, n in per_layer if r >= 10**self.rise_orders] or [
                     n for _, n in per_layer[:3]
                 ]
-                return ("rise", tuple(rising), rise, {"baseline": baseline, "total": view.total})
+                return ("rise", tuple(rising), rise, {"baseline": baseline, "total": stats.total})
         return None
 
-    def _debounce(
+    def _confirm(
         self,
         kind: str,
-        view: HostView,
+        stats: LoggedStats,
         finding: tuple[str, tuple[str, ...], float, dict[str, Any]] | None,
         traits: ModelTraits,
-    ) -> Event | None:
+    ) -> Finding | None:
+        """Confirmation: a condition counts once it held on ``patience`` checks in a row,
+        and stays on (reported at each check) until it was absent ``patience`` checks."""
         if finding is None:
             self._streak[kind] = 0
             if kind in self._active:
@@ -384,31 +389,23 @@ class GradientFlowDetector:
         self._clear[kind] = 0
         if self._streak[kind] < self.patience:
             return None
-        first = self._active.get(kind)
-        if (
-            first is not None
-            and view.step - self._last_emitted.get(kind, first) < self.repeat_every
-        ):
-            return None
-        if first is None:
-            self._active[kind] = view.step
-        self._last_emitted[kind] = view.step
-        return self._event(kind, view, finding, traits, first)
+        self._active.setdefault(kind, stats.sink_step)
+        return self._finding(kind, stats, finding, traits)
 
-    def _event(
+    def _finding(
         self,
         kind: str,
-        view: HostView,
+        stats: LoggedStats,
         finding: tuple[str, tuple[str, ...], float, dict[str, Any]],
         traits: ModelTraits,
-        first_step: int | None,
-    ) -> Event:
+    ) -> Finding:
         evidence, layers, value, info = finding
         checks = self._streak[kind]
         if kind == "vanishing":
             update = None
-            if view.update_ratio is not None and layers:
-                update = view.update_ratio[view.layers.index(layers[0])]
+            ratios = stats.update_ratio
+            if ratios is not None and layers:
+                update = ratios[stats.layers.index(layers[0])]
             message, advice = vanishing_text(
                 layers,
                 info["worst_norm"],
@@ -418,34 +415,27 @@ class GradientFlowDetector:
                 checks,
                 traits,
                 update_ratio=update if update else None,
-                first_step=first_step,
             )
         else:
-            message, advice = exploding_text(
-                evidence,
-                layers,
-                value,
-                info,
-                checks,
-                traits,
-                first_step=first_step,
-            )
-        details = {"evidence": evidence, "checks": checks, "still_present": first_step is not None}
-        details.update({k: v for k, v in info.items() if k != "worst"})
-        return Event(
-            kind=kind,  # type: ignore[arg-type]
-            step=view.step,
+            message, advice = exploding_text(evidence, layers, value, info, checks, traits)
+        details = {"evidence": evidence, "checks": checks}
+        details.update(info)
+        # A check every logging step: a missed one (absent, not yet cleared) keeps the episode.
+        interval = self.context.log_every_n_steps if self.context is not None else 1
+        return Finding(
+            kind=kind,
             layers=layers,
             value=value,
-            severity="warning",
             message=message,
             advice=advice,
             details=details,
+            max_gap=interval * (self.patience + 1),
+            remind_every=self.repeat_every,
         )
 
     # ------------------------------------------------------------------ state
     def active(self) -> dict[str, int]:
-        """Conditions currently present: kind -> the step they were first reported."""
+        """Conditions currently confirmed: kind -> the step they were first confirmed."""
         return dict(self._active)
 
     def state_dict(self) -> dict[str, Any]:
@@ -453,26 +443,26 @@ class GradientFlowDetector:
             "streak": dict(self._streak),
             "clear": dict(self._clear),
             "active": dict(self._active),
-            "last_emitted": dict(self._last_emitted),
             "early_total": list(self._early_total),
             "early_layer": {k: list(v) for k, v in self._early_layer.items()},
             "init_gain": self._init_gain,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        for key in ("streak", "clear", "active", "early_layer"):
+            if not isinstance(state.get(key, {}), Mapping):
+                raise ConfigurationError.bad_value(
+                    f"state[{key!r}]", state.get(key), "expected a mapping"
+                )
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._reset()
         self._streak.update({str(k): int(v) for k, v in state.get("streak", {}).items()})
         self._clear.update({str(k): int(v) for k, v in state.get("clear", {}).items()})
         self._active = {str(k): int(v) for k, v in state.get("active", {}).items()}
-        self._last_emitted = {str(k): int(v) for k, v in state.get("last_emitted", {}).items()}
         self._early_total = [float(v) for v in state.get("early_total", [])]
         self._early_layer = {
             str(k): [float(x) for x in v] for k, v in state.get("early_layer", {}).items()
         }
         gain = state.get("init_gain")
         self._init_gain = None if gain is None else float(gain)
-
-
-def default_detectors() -> list[Detector]:
-    """The detectors a ``GradGuard`` runs unless given ``detectors=``."""
-    return [GradientFlowDetector()]

@@ -1,0 +1,45 @@
+"""The model and optimizer beneath the wrappers frameworks put around them.
+
+Layers are named as the user's model names them (``encoder.layers.0``), not as a wrapper
+does (``module.encoder.layers.0`` under DDP, ``_forward_module.`` under Fabric,
+``_orig_mod.`` under ``torch.compile``), and the optimizer gradguard hooks is the torch
+optimizer that really steps: ``accelerate``'s ``AcceleratedOptimizer`` cannot take step
+hooks, and Fabric's and Lightning's wrappers forward to the inner one anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["unwrap_model", "unwrap_optimizer"]
+
+# Wrapper class name -> the attribute holding the wrapped module.
+_MODEL_WRAPPERS = {
+    "DistributedDataParallel": "module",
+    "DataParallel": "module",
+    "_FabricModule": "module",
+    "OptimizedModule": "_orig_mod",
+}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module under DDP, DataParallel, Fabric and ``torch.compile`` wrappers."""
+    for _ in range(8):  # wrappers nest (Fabric around a compiled model around DDP...)
+        attribute = _MODEL_WRAPPERS.get(type(model).__name__)
+        inner = getattr(model, attribute, None) if attribute else None
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer under ``AcceleratedOptimizer``, ``_FabricOptimizer`` and
+    ``LightningOptimizer`` (each keeps it as ``.optimizer`` and calls its ``step``)."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            return optimizer
+        optimizer = inner
+    return optimizer

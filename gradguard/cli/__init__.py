@@ -1,0 +1,1 @@
+"""The ``gradguard`` command line and its demo."""

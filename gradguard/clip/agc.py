@@ -1,0 +1,185 @@
+"""AGC: adaptive gradient clipping, unit-wise, relative to the weights."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .._dist import distributed, local_tensor, shard_dims
+from .._errors import ConfigurationError, check_number
+from .._layers import LayerLayout
+from .base import ClipContext, ClipResult, ClipStrategy, nan_scalar, stacked_norms
+
+__all__ = ["AGC"]
+
+
+class AGC(ClipStrategy):
+    """Adaptive gradient clipping (Brock et al., 2021, "High-Performance Large-Scale Image
+    Recognition Without Normalization"), unit-wise as timm's ``adaptive_clip_grad``.
+
+    For every parameter and each of its units (a row of a Linear weight, an output filter
+    of a conv: the slices along the first dimension; the whole tensor for a bias or any
+    parameter with at most one dimension), the gradient is scaled down to
+    ``clipping * max(||w_unit||, eps)`` when its norm reaches that limit.
+
+    Every parameter is clipped by default, as timm's function does; the paper leaves the
+    final classifier alone: ``exclude=("head",)`` names layers (with their sub-layers) to
+    skip. The unit-wise norms are computed here (the pipeline has per-layer norms only).
+    ``threshold`` is NaN (there is a limit per unit, not one norm); ``coef`` is the total
+    gradient norm after over the norm before. Under fused-optimizer AMP the gradients are
+    still multiplied by the loss scale, so the limits are too. A unit holding a NaN/Inf
+    is scaled as timm scales it (it stays non-finite; ``on_nonfinite`` decides about the
+    step). Biases and other vectors share one foreach pass. Sharded DTensor parameters
+    (FSDP2, tensor parallel) all-reduce the partial unit norms so every rank decides
+    alike; ``coef`` is then measured on the rank's own shard.
+    """
+
+    def __init__(
+        self, clipping: float = 0.01, eps: float = 1e-3, exclude: Iterable[str] = ()
+    ) -> None:
+        self.clipping = check_number("clipping", clipping, low=0.0, low_open=True)
+        self.eps = check_number("eps", eps, low=0.0)
+        if isinstance(exclude, str):
+            names: tuple[object, ...] = (exclude,)
+        elif isinstance(exclude, Iterable):
+            names = tuple(exclude)
+        else:
+            names = (exclude,)
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise ConfigurationError.bad_value(
+                    "exclude",
+                    exclude,
+                    "expected layer names (module qualified names), e.g. ('head',)",
+                )
+        self.exclude: tuple[str, ...] = names  # type: ignore[assignment]
+        self._skip: set[int] = set()
+
+    def _config(self) -> dict[str, Any]:
+        return {"clipping": self.clipping, "eps": self.eps, "exclude": self.exclude}
+
+    def bind(self, layout: LayerLayout, device: torch.device) -> None:
+        super().bind(layout, device)
+        self._skip = set()
+        for name in self.exclude:
+            matched = [
+                i
+                for i, layer in enumerate(layout.param_layer)
+                if layout.names[layer] == name or layout.names[layer].startswith(name + ".")
+            ]
+            if not matched:
+                shown = ", ".join(repr(n) for n in layout.names[:20])
+                raise ConfigurationError(
+                    f"exclude={name!r} names no layer of this model: "
+                    f"expected layer names such as {shown}"
+                )
+            self._skip.update(matched)
+
+    def clip_(self, ctx: ClipContext) -> ClipResult:
+        layout = self.layout
+        assert layout is not None
+        kept: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        grad_norms: list[torch.Tensor] = []
+        weight_norms: list[torch.Tensor] = []
+        vector_grads: list[torch.Tensor] = []
+        vector_weights: list[torch.Tensor] = []
+        partial: list[tuple[torch.Tensor, list[torch.Tensor], list[int]]] = []
+        for index, param in enumerate(layout.params):
+            grad = param.grad
+            if grad is None:
+                continue
+            local_grad = local_tensor(grad)
+            if index in self._skip:
+                kept.append(local_grad)
+                continue
+            weight = local_tensor(param.detach())
+            # A unit split across ranks (a sharded bias; a row cut by tensor parallelism)
+            # needs the sum of its squares from every shard.
+            splits = [m for m, d in shard_dims(grad) if local_grad.ndim <= 1 or d != 0]
+            if splits:
+                squares = [_unit_squares(local_grad), _unit_squares(weight)]
+                partial.append((grad, squares, splits))
+                grads.append(local_grad)
+                grad_norms.append(squares[0])
+                weight_norms.append(squares[1])
+            elif local_grad.ndim <= 1:
+                vector_grads.append(local_grad)
+                vector_weights.append(weight)
+            else:
+                # timm's unitwise_norm: over every dimension but the first, in the param's dtype.
+                dims = tuple(range(1, local_grad.ndim))
+                grads.append(local_grad)
+                grad_norms.append(torch.linalg.vector_norm(local_grad, dim=dims, keepdim=True))
+                weight_norms.append(torch.linalg.vector_norm(weight, dim=dims, keepdim=True))
+        if partial:
+            _all_reduce_squares(partial)
+            for _, squares, _ in partial:
+                for square in squares:
+                    square.sqrt_()
+        if vector_grads:  # biases and other vectors: one unit each, one foreach pass
+            grads += vector_grads
+            grad_norms += torch._foreach_norm(vector_grads)
+            weight_norms += torch._foreach_norm(vector_weights)
+
+        before: list[torch.Tensor] = []
+        after: list[torch.Tensor] = []
+        if grads:
+            limits = torch._foreach_clamp_min(weight_norms, self.eps)
+            torch._foreach_mul_(limits, self.clipping)
+            if ctx.grad_scale is not None:
+                # Fused AMP: the gradients are still multiplied by the loss scale.
+                torch._foreach_mul_(limits, ctx.grad_scale)
+            # min(1, limit / max(norm, 1e-6)): timm's where(norm < limit, 1, limit / ...)
+            # (the two differ only for units under 1e-6 when the limit is under 1e-6 too).
+            factors = torch._foreach_div(limits, torch._foreach_clamp_min(grad_norms, 1e-6))
+            torch._foreach_clamp_max_(factors, 1.0)
+            torch._foreach_mul_(grads, factors)
+            before += torch._foreach_norm(grad_norms, 2, dtype=torch.float32)
+            clipped_norms = torch._foreach_mul(grad_norms, factors)
+            after += torch._foreach_norm(clipped_norms, 2, dtype=torch.float32)
+        if kept:
+            kept_norms = stacked_norms(kept, ctx.device)
+            before.append(torch.linalg.vector_norm(kept_norms))
+            after.append(before[-1])
+        if not before:
+            return ClipResult(nan_scalar(ctx.device), ctx.full(1.0))
+        before_total = torch.linalg.vector_norm(torch.stack([b.to(ctx.device) for b in before]))
+        after_total = torch.linalg.vector_norm(torch.stack([a.to(ctx.device) for a in after]))
+        # The same kernels measure both sides: when no unit was clipped the ratio is exactly 1.
+        ratio = after_total / before_total.clamp_min(torch.finfo(torch.float32).tiny)
+        coef = torch.where(before_total < math.inf, ratio.clamp(max=1.0), 1.0)
+        return ClipResult(nan_scalar(ctx.device), coef)
+
+
+def _unit_squares(tensor: torch.Tensor) -> torch.Tensor:
+    """Per-unit sums of squares in float32 (partial sums of a shard add up across ranks)."""
+    if tensor.ndim <= 1:
+        return tensor.float().square().sum()
+    return tensor.float().square().sum(dim=tuple(range(1, tensor.ndim)), keepdim=True)
+
+
+def _all_reduce_squares(partial: list[tuple[torch.Tensor, list[torch.Tensor], list[int]]]) -> None:
+    """Sum partial squares over the mesh dimensions that split their units, in place."""
+    import torch.distributed as dist
+
+    if not distributed():
+        return
+    buckets: dict[tuple[int, int], tuple[Any, list[torch.Tensor]]] = {}
+    for dtensor, squares, mesh_dims in partial:
+        mesh = dtensor.device_mesh  # type: ignore[attr-defined]
+        for mesh_dim in mesh_dims:
+            key = (id(mesh), mesh_dim)
+            if key not in buckets:
+                buckets[key] = (mesh.get_group(mesh_dim), [])
+            buckets[key][1].extend(squares)
+    for group, squares in buckets.values():
+        flat = torch.cat([square.reshape(-1) for square in squares])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        offset = 0
+        for square in squares:
+            square.copy_(flat[offset : offset + square.numel()].view_as(square))
+            offset += square.numel()

@@ -1,0 +1,124 @@
+"""The one interface every detector implements, and what it is bound to.
+
+A detector watches typed statistics and returns ``Finding``s; the guard's ``Debouncer``
+decides which findings become Events. Two moments to look:
+
+* ``on_step(stats)``: every optimizer step, with a ``StepStats`` read from the per-step
+  packet (at most one step late on an accelerator, so never a host sync);
+* ``on_log(stats)``: every logging step, with the full ``LoggedStats``.
+
+A detector that needs device work of its own (the activation monitor's forward hooks)
+uses ``on_step_end`` to schedule it and ``metrics`` to hand device tensors to the logging
+step's single bulk copy. To write your own::
+
+    class LossOfSignal(gg.Detector):
+        '''The total gradient norm fell below ``floor``: nothing is being learnt.'''
+
+        kinds = ("no_signal",)
+
+        def __init__(self, floor: float = 1e-8) -> None:
+            self.floor = floor
+
+        def on_log(self, stats: gg.LoggedStats) -> list[gg.Finding]:
+            if stats.total >= self.floor:
+                return []
+            return [gg.Finding(kind="no_signal", layers=(), value=stats.total,
+                               message=f"The gradient norm is {stats.total:.1e}.",
+                               advice="check that the loss depends on the parameters")]
+
+    guard = gg.attach(model, opt, detectors=[*gg.default_detectors(), LossOfSignal()])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from .._debounce import Finding
+from .._layers import LayerLayout
+from .._owned import OwnedByOneGuard
+from .._stats import LoggedStats, StepStats
+
+if TYPE_CHECKING:
+    from ..clip.base import ClipStrategy
+
+__all__ = ["Detector", "GuardContext"]
+
+
+@dataclass(frozen=True)
+class GuardContext:
+    """What a detector learns when it is bound: the model, its layers and the guard's
+    configuration (so that advice never recommends what is already on)."""
+
+    model: nn.Module
+    layout: LayerLayout
+    device: torch.device
+    log_every_n_steps: int
+    repeat_every: int
+    on_nonfinite: str
+    on_spike: str
+    clip: ClipStrategy | None
+    compiled: bool = False
+
+    @property
+    def clipping(self) -> str | None:
+        """The clip strategy's class name, or None when gradguard does not clip."""
+        return type(self.clip).__name__ if self.clip is not None else None
+
+
+class Detector(OwnedByOneGuard):
+    """Base of every detector: bind, look at typed statistics, return findings, keep state.
+
+    ``kinds`` lists the Event kinds it may report. Every method has a do-nothing default,
+    so a detector overrides only what it uses.
+    """
+
+    kinds: ClassVar[tuple[str, ...]] = ()
+    context: GuardContext | None = None
+    _role = "detector"
+
+    def bind(self, context: GuardContext) -> None:
+        """Called at attach and whenever the watched layers change."""
+        self.context = context
+
+    def unbind(self) -> None:
+        """Called at detach: drop hooks and references to the model."""
+        self.context = None
+
+    def on_step(self, stats: StepStats) -> list[Finding]:
+        """Every optimizer step (host values, at most one step late)."""
+        del stats
+        return []
+
+    def on_log(self, stats: LoggedStats) -> list[Finding]:
+        """Every logging step."""
+        del stats
+        return []
+
+    def on_step_end(self, next_step: int) -> None:
+        """After every optimizer step (and at attach) with the number of the next step."""
+        del next_step
+
+    def metrics(self) -> Mapping[str, float | torch.Tensor]:
+        """Metrics for the next logging step, by metric name: host numbers, or device
+        tensors (0-d, or one value per layer with NaN for "not measured") that join the
+        logging step's single bulk copy."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ConfigurationError`` if ``state`` cannot be loaded (checked before any
+        part of a guard's state is applied, so a bad state changes nothing)."""
+        del state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        del state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
