@@ -289,23 +289,21 @@ def _configs() -> list[Config]:
         ),
     ]
     for class_name in ("AutoClip", "ZClip", "AGC"):
-        if hasattr(gg, class_name):
-            configs.append(
-                Config(
-                    f"gradguard-{class_name.lower()}",
-                    f"gradguard + {class_name}()",
-                    _gradguard_clip(class_name),
-                )
-            )
-    if hasattr(gg, "AutoClip"):
         configs.append(
             Config(
-                "gradguard-recommended",
-                'gradguard + AutoClip() + on_nonfinite="skip"',
-                _gradguard_recommended,
-                note="one host read per step (the skip decision), non-fused optimizer",
+                f"gradguard-{class_name.lower()}",
+                f"gradguard + {class_name}()",
+                _gradguard_clip(class_name),
             )
         )
+    configs.append(
+        Config(
+            "gradguard-recommended",
+            'gradguard + AutoClip() + on_nonfinite="skip"',
+            _gradguard_recommended,
+            note="one host read per step (the skip decision), non-fused optimizer",
+        )
+    )
     configs += [
         Config(
             "gradguard-activations",

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 from ._errors import ConfigurationError, check_choice, check_positive_int
 from ._sinks import Sink
-
-if TYPE_CHECKING:
-    from .activations.monitor import ActivationMonitor
-    from .clip.base import ClipStrategy
-    from .detect.base import Detector
-    from .detect.spike import SpikeDetector
+from .activations.monitor import ActivationMonitor
+from .clip import resolve_clip
+from .clip.base import ClipStrategy
+from .detect import default_detectors
+from .detect.base import Detector
+from .detect.spike import SpikeDetector
 
 __all__ = ["GuardConfig", "GuardOptions", "NonfinitePolicy", "SpikePolicy"]
 
@@ -64,11 +64,6 @@ class GuardConfig:
 
     @classmethod
     def from_options(cls, options: GuardOptions) -> GuardConfig:
-        from .activations.monitor import ActivationMonitor
-        from .clip import resolve_clip
-        from .detect.base import Detector
-        from .detect.spike import SpikeDetector
-
         known = set(GuardOptions.__annotations__)
         unknown = sorted(set(options) - known)
         if unknown:
@@ -99,8 +94,6 @@ class GuardConfig:
             )
         detectors_option = get("detectors")
         if detectors_option is None:
-            from .detect import default_detectors
-
             detectors = default_detectors()
         else:
             detectors = _instances(

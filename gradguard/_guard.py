@@ -11,29 +11,26 @@ import logging
 import math
 import warnings
 import weakref
-from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import Unpack
 
+from ._announce import Announcer
+from ._binding import Binding
 from ._config import GuardConfig, GuardOptions
-from ._debounce import Debouncer, Finding
-from ._depth import DepthRecorder
-from ._dist import is_rank_zero, local_tensor
+from ._debounce import Finding
+from ._dist import is_rank_zero
 from ._errors import ConfigurationError, GradGuardError, GradGuardWarning, GradientAlarmError
-from ._events import Event
+from ._hooks import register_step_hooks
 from ._keys import MetricKeys
-from ._layers import LayerLayout, WatchedSet, discover_layers, merge_depth_order
-from ._norms import GradNormComputer
+from ._layers import discover_layers
 from ._packet import HostMirror, PacketSpec
 from ._policy import StepDecision
 from ._publish import PendingLog, collect, snapshot_params
-from ._ratelimit import RateLimiter
+from ._readout import GuardReadout
 from ._sinks import Sink, SinkSet
 from ._state import StateSchema
 from ._stats import (
@@ -44,45 +41,20 @@ from ._stats import (
     LoggedStats,
     StepStats,
 )
-from ._step import SCALER_OVERFLOW, SKIP, StepPipeline
+from ._step import SCALER_OVERFLOW, SKIP
 from ._wrappers import unwrap_model, unwrap_optimizer
 from .activations.monitor import compiled
-from .detect.base import Detector, GuardContext
+from .detect.base import Detector
 from .detect.nonfinite import NonfiniteDetector
 
 __all__ = ["GradGuard", "attach"]
 
 log = logging.getLogger("gradguard")
 
-# Update ratios need a copy of the parameters on logging steps; "auto" takes it only for
-# models up to this many trainable elements (128M: 512 MB in fp32).
-AUTO_UPDATE_RATIO_MAX_ELEMENTS = 2**27
-# How many guard-step -> sink-step entries are remembered (packets arrive a step or two late).
-_STEP_MAP_SIZE = 64
-
 _watched_optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
 
-@dataclass
-class _Binding:
-    """Everything that exists only while the guard is attached."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    layout: LayerLayout
-    watched: WatchedSet
-    computer: GradNormComputer
-    pipeline: StepPipeline
-    context: GuardContext
-    device: torch.device
-    rank_zero: bool
-    track_updates: bool
-    depth: DepthRecorder | None
-    on_meta: bool
-    handles: list[RemovableHandle] = field(default_factory=list)
-
-
-class GradGuard:
+class GradGuard(GuardReadout):
     """Watches gradients (and sampled activations) around each optimizer step.
 
     Args:
@@ -119,18 +91,15 @@ class GradGuard:
         config = GuardConfig.from_options(options)
         self.config = config
         self.sinks = SinkSet(config.sinks)
-        self.events: deque[Event] = deque(maxlen=10_000)
+        self._announcer = Announcer(config, self.sinks)
         self._keys = MetricKeys(config.prefix)
         self._nonfinite = NonfiniteDetector()
         self._step = 0
         self._skipped_steps = 0
         self._nonfinite_steps = 0
         self._clipped_steps = 0
-        self._debouncer = Debouncer()
-        self._warnings = RateLimiter(config.repeat_every)
-        self._binding: _Binding | None = None
+        self._binding: Binding | None = None
         self._pending_state: dict[str, Any] | None = None
-        self._sink_steps: dict[int, int] = {}
         self._pending_log: PendingLog | None = None
         self._last_stats: LoggedStats | None = None
         self._last_scalars: dict[str, float] = {}
@@ -139,52 +108,6 @@ class GradGuard:
         self._compiled = False
         self._last_layers: list[str] = []
         self._mirror = HostMirror(self._on_packet)
-
-    # ------------------------------------------------------------------ configuration
-    @property
-    def clip(self) -> Any:
-        return self.config.clip
-
-    @property
-    def on_nonfinite(self) -> str:
-        return self.config.on_nonfinite
-
-    @property
-    def on_spike(self) -> str:
-        return self.config.on_spike
-
-    @property
-    def spike(self) -> Any:
-        return self.config.spike
-
-    @property
-    def activations(self) -> Any:
-        return self.config.activations
-
-    @property
-    def detectors(self) -> list[Detector]:
-        return self.config.detectors
-
-    @property
-    def prefix(self) -> str:
-        return self.config.prefix
-
-    @prefix.setter
-    def prefix(self, value: str) -> None:
-        if self._binding is not None:
-            raise GradGuardError("set the prefix before attach()")
-        self.config.prefix = value
-        self._keys = MetricKeys(value)
-
-    @property
-    def log_every_n_steps(self) -> int:
-        return self.config.log_every_n_steps
-
-    @log_every_n_steps.setter
-    def log_every_n_steps(self, value: int) -> None:
-        from ._errors import check_positive_int
-
-        self.config.log_every_n_steps = check_positive_int("log_every_n_steps", value)
 
     def _all_detectors(self) -> list[Detector]:
         found: list[Detector] = [self._nonfinite]
@@ -201,8 +124,7 @@ class GradGuard:
         self.bind(model, optimizer)
         binding = self._binding
         assert binding is not None
-        binding.handles.append(binding.optimizer.register_step_pre_hook(self._pre_hook))
-        binding.handles.append(binding.optimizer.register_step_post_hook(self._post_hook))
+        binding.handles += register_step_hooks(binding.optimizer, self.before_step, self.after_step)
         return self
 
     def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> GradGuard:
@@ -228,7 +150,14 @@ class GradGuard:
                 if part is not None:
                     part.claim(self)
                     claimed.append(part)
-            self._binding = self._build(model, optimizer, layout)
+            self._binding = Binding.create(
+                self.config,
+                self._all_detectors(),
+                model,
+                optimizer,
+                layout,
+                compiled=self._compiled,
+            )
             _watched_optimizers.add(optimizer)
             if self._pending_state is not None:
                 state, self._pending_state = self._pending_state, None
@@ -238,72 +167,20 @@ class GradGuard:
         except BaseException:
             binding, self._binding = self._binding, None
             if binding is not None:
-                self._unbind_parts(binding)
+                binding.release(self._all_detectors())
             for part in claimed:
                 part.release(self)
             _watched_optimizers.discard(optimizer)
             raise
-        self._warn_about_blind_spots()
+        if self._binding.rank_zero and self._binding.watched.unowned:
+            warnings.warn(
+                f"the optimizer holds {self._binding.watched.unowned} parameter(s) that the "
+                "model does not own: gradguard cannot watch them (they are in no norm, clip or "
+                "NaN check). Attach to the model that owns every parameter the optimizer updates.",
+                GradGuardWarning,
+                stacklevel=3,
+            )
         return self
-
-    def _build(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, layout: LayerLayout
-    ) -> _Binding:
-        """Bind every part to ``layout`` (at attach, and again when the layout changes)."""
-        computer = GradNormComputer(layout, model)
-        device = computer.device
-        if self.config.update_ratio == "auto":
-            # The global size (DTensor.numel()): every rank must decide alike, since the
-            # update norms of sharded parameters are all-reduced on logging steps.
-            numel = sum(p.numel() for p in layout.params)
-            track_updates = numel <= AUTO_UPDATE_RATIO_MAX_ELEMENTS
-        else:
-            track_updates = bool(self.config.update_ratio)
-        context = GuardContext(
-            model=model,
-            layout=layout,
-            device=device,
-            log_every_n_steps=self.config.log_every_n_steps,
-            repeat_every=self.config.repeat_every,
-            on_nonfinite=self.config.on_nonfinite,
-            on_spike=self.config.on_spike,
-            clip=self.config.clip,
-            compiled=self._compiled,
-        )
-        if self.config.clip is not None:
-            # First: a strategy may reject the layout (AGC's exclude).
-            self.config.clip.bind(layout, device)
-        for detector in self._all_detectors():
-            detector.bind(context)
-        depth = None
-        if not layout.depth_known and not context.compiled:
-            depth = DepthRecorder(model, layout)
-        return _Binding(
-            model=model,
-            optimizer=optimizer,
-            layout=layout,
-            watched=WatchedSet(model, optimizer, layout),
-            computer=computer,
-            pipeline=StepPipeline(self.config, layout, computer, optimizer),
-            context=context,
-            device=device,
-            rank_zero=is_rank_zero(),
-            track_updates=track_updates,
-            depth=depth,
-            on_meta=device.type == "meta",
-        )
-
-    def _unbind_parts(self, binding: _Binding, *, hooks: bool = True) -> None:
-        binding.pipeline.found_inf.restore()
-        if hooks:
-            for handle in binding.handles:
-                handle.remove()
-            binding.handles.clear()
-        if binding.depth is not None:
-            binding.depth.remove()
-        for detector in self._all_detectors():
-            if detector.context is not None:
-                detector.unbind()
 
     def detach(self) -> None:
         """Remove every hook gradguard added and flush the sinks. Safe to call twice.
@@ -317,7 +194,7 @@ class GradGuard:
         self._mirror.drain(block=True)
         self._in_step = False
         self._pending_log = None
-        self._unbind_parts(binding)
+        binding.release(self._all_detectors())
         for part in (self.config.clip, *self._all_detectors()):
             if part is not None:
                 part.release(self)
@@ -352,111 +229,6 @@ class GradGuard:
         """Stop sending output to ``sink`` (not closed: its owner closes it)."""
         self.sinks.remove(sink)
 
-    # ------------------------------------------------------------------ what it watches
-    @property
-    def attached(self) -> bool:
-        return self._binding is not None
-
-    @property
-    def layers(self) -> list[str]:
-        """Watched layer names in depth order, input first (kept after ``detach``)."""
-        if self._binding is not None:
-            return list(self._binding.layout.names)
-        return list(self._last_layers)
-
-    @property
-    def depth_source(self) -> str:
-        """Where the depth order comes from: ``"forward"`` (the first training forward
-        pass), ``"saved"`` (a loaded state) or ``"registration"`` (module order)."""
-        return self._depth_source
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps seen so far (skipped ones included); the first step is step 0."""
-        return self._step
-
-    @property
-    def skipped_steps(self) -> int:
-        """Optimizer steps gradguard skipped so far (not those a GradScaler skipped)."""
-        self._mirror.drain(block=True)
-        return self._skipped_steps
-
-    @property
-    def nonfinite_steps(self) -> int:
-        self._mirror.drain(block=True)
-        return self._nonfinite_steps
-
-    @property
-    def clipped_steps(self) -> int:
-        """Optimizer steps whose gradients the clip strategy scaled down."""
-        self._mirror.drain(block=True)
-        return self._clipped_steps
-
-    def _warn_about_blind_spots(self) -> None:
-        binding = self._binding
-        if binding is None or not binding.rank_zero:
-            return
-        unowned = binding.watched.unowned
-        if unowned:
-            warnings.warn(
-                f"the optimizer holds {unowned} parameter(s) that the model does not own: "
-                "gradguard cannot watch them (they are in no norm, clip or NaN check). "
-                "Attach to the model that owns every parameter the optimizer updates.",
-                GradGuardWarning,
-                stacklevel=4,
-            )
-
-    def blind_spots(self) -> list[str]:
-        """What this guard cannot observe on its model, in plain words."""
-        binding = self._binding
-        if binding is None:
-            return []
-        spots = []
-        model = binding.model
-        if self._compiled:
-            spots.append(
-                "the model runs through torch.compile: activations are not sampled and the "
-                "depth order is the modules' registration order"
-            )
-        fused_rnn = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.RNNBase)})
-        if fused_rnn and self.config.activations is not None:
-            spots.append(f"{'/'.join(fused_rnn)} activations run inside fused kernels: not sampled")
-        if binding.watched.unowned:
-            spots.append(
-                f"{binding.watched.unowned} optimizer parameter(s) outside the model: not watched"
-            )
-        return spots
-
-    # ------------------------------------------------------------------ optimizer hooks
-    def _pre_hook(
-        self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        closure, where = _find_closure(optimizer, args, kwargs)
-        if closure is None:
-            self.before_step()
-            return None
-        # step(closure): the pre-hook runs before the closure computes the gradients, so
-        # gradguard runs right after the closure's first call (LBFGS calls it again later).
-        called = False
-
-        def guarded_closure() -> Any:
-            nonlocal called
-            loss = closure()
-            if not called:
-                called = True
-                self.before_step()
-            return loss
-
-        new_args, new_kwargs = list(args), dict(kwargs)
-        if isinstance(where, int):
-            new_args[where] = guarded_closure
-        else:
-            new_kwargs["closure"] = guarded_closure
-        return tuple(new_args), new_kwargs
-
-    def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.after_step()
-
     # ------------------------------------------------------------------ the adapter API
     def before_step(
         self,
@@ -485,8 +257,7 @@ class GradGuard:
         self._mirror.drain(block=False)
         binding = self._refresh(binding)
         step = self._step
-        self._sink_steps[step] = step if sink_step is None else int(sink_step)
-        self._sink_steps.pop(step - _STEP_MAP_SIZE, None)
+        shown = self._announcer.map_step(step, sink_step)
         try:
             out = binding.pipeline.run(step, found_inf=found_inf, apply_skip=apply_skip)
         except GradientAlarmError as alarm:
@@ -499,9 +270,7 @@ class GradGuard:
         self._mirror.push(step, out.packet, note)
         if step % self.config.log_every_n_steps == 0:
             snapshot = snapshot_params(binding.layout) if binding.track_updates else None
-            self._pending_log = PendingLog(
-                step, self._sink_steps[step], out.norms, out.clip, snapshot
-            )
+            self._pending_log = PendingLog(step, shown, out.norms, out.clip, snapshot)
         self._step = step + 1
         self._in_step = True
         return out.decision
@@ -521,50 +290,22 @@ class GradGuard:
         for detector in self._all_detectors():
             detector.on_step_end(self._step)
 
-    def _relayout(self, binding: _Binding) -> None:
-        """The layout was reordered in place: rebuild what indexes layers by position."""
-        binding.computer = GradNormComputer(binding.layout, binding.model)
-        binding.pipeline = StepPipeline(
-            self.config, binding.layout, binding.computer, binding.optimizer
-        )
-        if self.config.clip is not None:
-            self.config.clip.bind(binding.layout, binding.device)
-
-    def _refresh(self, binding: _Binding) -> _Binding:
-        """Follow what changed since the last step; a few attribute reads when nothing did.
-
-        The first forward's depth order reorders the layout in place; layers unfrozen or
-        added (``WatchedSet``) and parameters moved to another device (``meta`` ->
-        ``to_empty``) rebuild the binding with the state of every part carried over.
-        """
+    def _refresh(self, binding: Binding) -> Binding:
+        """Follow what changed since the last step; a few attribute reads when nothing did."""
         if binding.depth is not None:
-            order = binding.depth.finish(binding.layout)
-            if order is not None:
-                binding.depth = None
+            self._mirror.drain(block=True)  # rare: read the old layout's packets first
+            if binding.learn_depth(self.config):
                 self._depth_source = "forward"
-                binding.layout.depth_known = True
-                if order != binding.layout.names:
-                    self._mirror.drain(block=True)  # rare: read the old layout's packets first
-                    binding.layout.reorder(order)
-                    self._relayout(binding)
-        if binding.on_meta:
-            _check_materialised(binding)
-        moved = local_tensor(binding.layout.params[0]).device != binding.device
-        changed = binding.watched.changed()
-        if not (moved or changed):
+        changed, moved = binding.outdated()
+        if not (changed or moved):
             return binding
         self._mirror.drain(block=True)  # rare: read the old layout's packets first
-        layout = discover_layers(binding.model, binding.optimizer)
+        rebuilt = binding.rebuilt(self.config, self._all_detectors(), compiled=self._compiled)
         if changed:
             log.info(
                 "gradguard: the optimizer's trainable parameters changed; now watching %d layers",
-                layout.num_layers,
+                rebuilt.layout.num_layers,
             )
-        layout.reorder(merge_depth_order(binding.layout.names, layout.names))
-        layout.depth_known = binding.layout.depth_known
-        self._unbind_parts(binding, hooks=False)
-        rebuilt = self._build(binding.model, binding.optimizer, layout)
-        rebuilt.handles = binding.handles
         self._binding = rebuilt
         return rebuilt
 
@@ -587,7 +328,7 @@ class GradGuard:
             for finding in detector.on_step(stats):
                 self._announce(finding, step)
 
-    def _publish(self, binding: _Binding, pending: PendingLog) -> None:
+    def _publish(self, binding: Binding, pending: PendingLog) -> None:
         self._mirror.drain(block=True)
         host: dict[str, float] = {
             SKIPPED_STEPS: float(self._skipped_steps),
@@ -609,52 +350,9 @@ class GradGuard:
                 self._announce(finding, pending.step)
 
     def _announce(self, finding: Finding, step: int, *, warn: bool = True) -> None:
-        event = self._debouncer.admit(finding, step, self._sink_steps.get(step, step))
-        if event is None:
-            return
-        self.events.append(event)
         binding = self._binding
         rank_zero = binding.rank_zero if binding is not None else is_rank_zero()
-        if not rank_zero:
-            return
-        self.sinks.log_event(event)
-        if warn and self.config.warn and self._warnings.admit(event.kind, event.step) is not None:
-            warnings.warn(str(event), GradGuardWarning, stacklevel=2)
-
-    # ------------------------------------------------------------------ reporting
-    @property
-    def last_scalars(self) -> dict[str, float]:
-        """The metrics of the latest logging step, by key (host values)."""
-        return dict(self._last_scalars)
-
-    @property
-    def last_stats(self) -> LoggedStats | None:
-        """The latest logging step's statistics, typed (per layer in depth order)."""
-        return self._last_stats
-
-    def active_conditions(self) -> dict[str, int]:
-        """Conditions still present: Event kind -> the step it was first reported."""
-        self._mirror.drain(block=True)
-        return self._debouncer.active(self._step - 1)
-
-    def occurrences(self) -> dict[str, int]:
-        """How often each Event kind's condition was seen (reported or folded)."""
-        self._mirror.drain(block=True)
-        return self._debouncer.seen()
-
-    def report(self) -> str:
-        """A diagnosis a person can act on: verdict, gradient flow per layer, Events, remedies."""
-        from .report import build_report
-
-        self._mirror.drain(block=True)
-        return build_report(self)
-
-    def summary(self) -> dict[str, Any]:
-        """The data behind ``report()``."""
-        from .report import build_summary
-
-        self._mirror.drain(block=True)
-        return build_summary(self)
+        self._announcer.announce(finding, step, rank_zero=rank_zero, warn=warn)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -688,30 +386,6 @@ class GradGuard:
             f"on_spike={self.config.on_spike!r}, "
             f"log_every_n_steps={self.config.log_every_n_steps}, {where})"
         )
-
-
-def _check_materialised(binding: _Binding) -> None:
-    """Parameters watched on ``meta`` must have been materialised in place."""
-    if any(local_tensor(p).device.type == "meta" for p in binding.layout.params):
-        raise GradGuardError(
-            "the optimizer steps parameters that are still on the 'meta' device: the model "
-            "was materialised (to_empty()) after the optimizer was built, which makes new "
-            "parameter objects. Build the optimizer after to_empty() (and attach then), or "
-            "call torch.__future__.set_swap_module_params_on_conversion(True) before it."
-        )
-    binding.on_meta = False
-
-
-def _find_closure(
-    optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[Callable[[], Any] | None, int | str]:
-    if kwargs.get("closure") is not None:
-        return kwargs["closure"], "kwargs"
-    # The pre-hook's positional args may start with the optimizer itself.
-    start = 1 if args and args[0] is optimizer else 0
-    if len(args) > start and callable(args[start]):
-        return args[start], start
-    return None, -1
 
 
 def attach(

@@ -44,9 +44,11 @@ class PendingLog:
 
 def snapshot_params(layout: LayerLayout) -> list[torch.Tensor]:
     """A copy of the parameters' local parts, to measure this step's update."""
-    return list(torch._foreach_mul([local_tensor(p.detach()) for p in layout.params], 1.0))
+    with torch.no_grad():
+        return list(torch._foreach_mul([local_tensor(p) for p in layout.params], 1.0))
 
 
+@torch.no_grad()
 def collect(
     log: PendingLog,
     layout: LayerLayout,
@@ -72,7 +74,7 @@ def collect(
         add(CLIP_THRESHOLD, log.clip.threshold)
         add(CLIP_COEF, log.clip.coef)
     # Sharded parameters (FSDP, DTensor) are summed across ranks: one collective each.
-    params = [local_tensor(p.detach()) for p in layout.params]
+    params = [local_tensor(p) for p in layout.params]
     param_norm = computer.layer_norms(params)
     add(PARAM_NORM, param_norm)
     if log.snapshot is not None:

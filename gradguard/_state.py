@@ -79,8 +79,7 @@ class StateSchema:
             "depth_source": guard._depth_source,
             "clip_type": type(clip).__name__ if clip is not None else "",
             "clip": clip.state_dict() if clip is not None else {},
-            "debouncer": guard._debouncer.state_dict(),
-            "warnings": guard._warnings.state_dict(),
+            **guard._announcer.state_dict(),
             "detectors": {
                 **{name: d.state_dict() for name, d in _named_detectors(guard).items()},
                 "custom": [
@@ -154,7 +153,7 @@ class StateSchema:
                 binding.depth = None
             if order != layout.names:
                 layout.reorder(order)
-                guard._relayout(binding)
+                binding.relayout(guard.config)
             layout.depth_known = True
             # Where the saved run learnt it ("forward"), so a report reads the same after resume.
             guard._depth_source = str(state.get("depth_source") or "saved")
@@ -187,5 +186,4 @@ class StateSchema:
         for detector, saved in zip(guard.config.detectors, detectors.get("custom", [])):
             if saved.get("type") in ("", type(detector).__name__):
                 detector.load_state_dict(saved.get("state", {}))
-        guard._debouncer.load_state_dict(state.get("debouncer", {}))
-        guard._warnings.load_state_dict(state.get("warnings", {}))
+        guard._announcer.load_state_dict(state)

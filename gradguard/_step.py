@@ -89,9 +89,11 @@ class StepPipeline:
             self._specs[key] = PacketSpec(self.layout.num_layers, extras)
         return self._specs[key]
 
+    @torch.no_grad()
     def run(
         self, step: int, *, found_inf: torch.Tensor | None = None, apply_skip: bool = True
     ) -> StepOutput:
+        """One step's device work (no autograd: nothing here is ever differentiated)."""
         optimizer, config = self.optimizer, self.config
         is_fused = fused(optimizer)
         grad_scale = getattr(optimizer, "grad_scale", None) if is_fused else None

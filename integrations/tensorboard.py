@@ -43,7 +43,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gradguard._dist import is_rank_zero
-from gradguard._errors import GradGuardWarning, MissingDependencyError, check_positive_int
+from gradguard._errors import (
+    GradGuardError,
+    GradGuardWarning,
+    MissingDependencyError,
+    check_positive_int,
+)
 from gradguard._events import Event
 from gradguard._keys import TOTAL_NORM, MetricKeys
 from gradguard._stats import (
@@ -198,7 +203,8 @@ class TensorBoardSink:
 
     # ------------------------------------------------------------------ Sink protocol
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-        if self._closed or not scalars or not is_rank_zero():
+        self._check_open()
+        if not scalars or not is_rank_zero():
             return
         if self.prefix is None:
             self.prefix = prefix_of(scalars)
@@ -221,7 +227,8 @@ class TensorBoardSink:
             self._unpainted = flow
 
     def log_event(self, event: Event) -> None:
-        if self._closed or not is_rank_zero():
+        self._check_open()
+        if not is_rank_zero():
             return
         tag = MetricKeys(self.prefix or "gradguard").event_tag(event.kind)
         self.writer.add_text(tag, event_markdown(event), global_step=event.step)
@@ -242,6 +249,13 @@ class TensorBoardSink:
         self._closed = True
         if self._owns_writer and self._writer is not None:
             self._writer.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GradGuardError(
+                "this TensorBoardSink is closed (guard.close() closes the sinks): give the "
+                "guard a new TensorBoardSink, or use guard.detach() to keep them open"
+            )
 
     # ------------------------------------------------------------------ figure, histogram
     def _draw(self, flow: GradientFlow) -> None:

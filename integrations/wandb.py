@@ -174,7 +174,8 @@ class WandbSink:
 
     # ------------------------------------------------------------------ Sink protocol
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-        if self._closed or not scalars or not is_rank_zero():
+        self._check_open()
+        if not scalars or not is_rank_zero():
             return
         if self.prefix is None:
             self.prefix = prefix_of(scalars)
@@ -196,7 +197,8 @@ class WandbSink:
         self._log(run, data)
 
     def log_event(self, event: Event) -> None:
-        if self._closed or not self._alerts_on or event.severity not in self.alert_on:
+        self._check_open()
+        if not self._alerts_on or event.severity not in self.alert_on:
             return
         if not is_rank_zero():
             return
@@ -253,6 +255,13 @@ class WandbSink:
         self._closed = True
 
     # ------------------------------------------------------------------ internals
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GradGuardError(
+                "this WandbSink is closed (guard.close() closes the sinks): give the guard a "
+                "new WandbSink, or use guard.detach() to keep them open"
+            )
+
     @staticmethod
     def _run_step(run: Any) -> int | None:
         try:

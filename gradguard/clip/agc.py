@@ -15,6 +15,10 @@ from .base import ClipContext, ClipResult, ClipStrategy, nan_scalar, stacked_nor
 
 __all__ = ["AGC"]
 
+# Matrices up to this many elements are stacked with others of the same trailing shape
+# (one norm kernel for all of them); larger ones get their own kernels.
+STACK_LIMIT = 2**16
+
 
 class AGC(ClipStrategy):
     """Adaptive gradient clipping (Brock et al., 2021, "High-Performance Large-Scale Image
@@ -79,68 +83,25 @@ class AGC(ClipStrategy):
             self._skip.update(matched)
 
     def clip_(self, ctx: ClipContext) -> ClipResult:
-        layout = self.layout
-        assert layout is not None
-        kept: list[torch.Tensor] = []
-        grads: list[torch.Tensor] = []
-        grad_norms: list[torch.Tensor] = []
-        weight_norms: list[torch.Tensor] = []
-        vector_grads: list[torch.Tensor] = []
-        vector_weights: list[torch.Tensor] = []
-        partial: list[tuple[torch.Tensor, list[torch.Tensor], list[int]]] = []
-        for index, param in enumerate(layout.params):
-            grad = param.grad
-            if grad is None:
-                continue
-            local_grad = local_tensor(grad)
-            if index in self._skip:
-                kept.append(local_grad)
-                continue
-            weight = local_tensor(param.detach())
-            # A unit split across ranks (a sharded bias; a row cut by tensor parallelism)
-            # needs the sum of its squares from every shard.
-            splits = [m for m, d in shard_dims(grad) if local_grad.ndim <= 1 or d != 0]
-            if splits:
-                squares = [_unit_squares(local_grad), _unit_squares(weight)]
-                partial.append((grad, squares, splits))
-                grads.append(local_grad)
-                grad_norms.append(squares[0])
-                weight_norms.append(squares[1])
-            elif local_grad.ndim <= 1:
-                vector_grads.append(local_grad)
-                vector_weights.append(weight)
-            else:
-                # timm's unitwise_norm: over every dimension but the first, in the param's dtype.
-                dims = tuple(range(1, local_grad.ndim))
-                grads.append(local_grad)
-                grad_norms.append(torch.linalg.vector_norm(local_grad, dim=dims, keepdim=True))
-                weight_norms.append(torch.linalg.vector_norm(weight, dim=dims, keepdim=True))
-        if partial:
-            _all_reduce_squares(partial)
-            for _, squares, _ in partial:
-                for square in squares:
-                    square.sqrt_()
-        if vector_grads:  # biases and other vectors: one unit each, one foreach pass
-            grads += vector_grads
-            grad_norms += torch._foreach_norm(vector_grads)
-            weight_norms += torch._foreach_norm(vector_weights)
-
+        grads, kept, buckets = self._buckets(ctx)
         before: list[torch.Tensor] = []
         after: list[torch.Tensor] = []
         if grads:
-            limits = torch._foreach_clamp_min(weight_norms, self.eps)
-            torch._foreach_mul_(limits, self.clipping)
+            grad_norms = torch.cat([norms.reshape(-1) for norms, _ in buckets])
+            weight_norms = torch.cat([norms.reshape(-1) for _, norms in buckets])
+            limits = weight_norms.clamp_min(self.eps) * self.clipping
             if ctx.grad_scale is not None:
                 # Fused AMP: the gradients are still multiplied by the loss scale.
-                torch._foreach_mul_(limits, ctx.grad_scale)
+                limits = limits * ctx.grad_scale.to(limits.device, limits.dtype)
             # min(1, limit / max(norm, 1e-6)): timm's where(norm < limit, 1, limit / ...)
             # (the two differ only for units under 1e-6 when the limit is under 1e-6 too).
-            factors = torch._foreach_div(limits, torch._foreach_clamp_min(grad_norms, 1e-6))
-            torch._foreach_clamp_max_(factors, 1.0)
-            torch._foreach_mul_(grads, factors)
-            before += torch._foreach_norm(grad_norms, 2, dtype=torch.float32)
-            clipped_norms = torch._foreach_mul(grad_norms, factors)
-            after += torch._foreach_norm(clipped_norms, 2, dtype=torch.float32)
+            # A unit whose norm is NaN/Inf is left alone (timm would spread the NaN over the
+            # whole unit, or zero it); on_nonfinite decides about the step.
+            factors = (limits / grad_norms.clamp_min(1e-6)).clamp(max=1.0)
+            factors = torch.where(grad_norms < math.inf, factors, 1.0)
+            torch._foreach_mul_(grads, self._per_tensor(factors, buckets))
+            before.append(torch.linalg.vector_norm(grad_norms, dtype=torch.float32))
+            after.append(torch.linalg.vector_norm(grad_norms * factors, dtype=torch.float32))
         if kept:
             kept_norms = stacked_norms(kept, ctx.device)
             before.append(torch.linalg.vector_norm(kept_norms))
@@ -153,6 +114,107 @@ class AGC(ClipStrategy):
         ratio = after_total / before_total.clamp_min(torch.finfo(torch.float32).tiny)
         coef = torch.where(before_total < math.inf, ratio.clamp(max=1.0), 1.0)
         return ClipResult(nan_scalar(ctx.device), coef)
+
+    def _buckets(
+        self, ctx: ClipContext
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The gradients to clip (in bucket order), the excluded ones, and per bucket the unit
+        norms of gradients and weights (shaped to broadcast over the bucket's gradients).
+
+        Buckets keep the op count flat in depth: vectors (biases) share one foreach pass;
+        small matrices with the same trailing shape are stacked (one ``cat``, one norm);
+        only large ones get kernels of their own, where a kernel's launch is noise.
+        """
+        layout = self.layout
+        assert layout is not None
+        kept: list[torch.Tensor] = []
+        vectors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        stacks: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        singles: list[tuple[torch.Tensor, torch.Tensor]] = []
+        partial: list[tuple[torch.Tensor, list[torch.Tensor], list[int]]] = []
+        split_grads: list[torch.Tensor] = []
+        for index, param in enumerate(layout.params):
+            grad = param.grad
+            if grad is None:
+                continue
+            local_grad = local_tensor(grad)
+            if index in self._skip or local_grad.is_sparse:
+                kept.append(
+                    local_grad if not local_grad.is_sparse else local_grad.coalesce()._values()
+                )
+                continue
+            weight = local_tensor(param)  # the pipeline runs under no_grad: no detach needed
+            # A unit split across ranks (a sharded bias; a row cut by tensor parallelism)
+            # needs the sum of its squares from every shard.
+            splits = [m for m, d in shard_dims(grad) if local_grad.ndim <= 1 or d != 0]
+            if splits:
+                squares = [_unit_squares(local_grad), _unit_squares(weight)]
+                partial.append((grad, squares, splits))
+                split_grads.append(local_grad)
+            elif local_grad.ndim <= 1:
+                vectors.append((local_grad, weight))
+            elif local_grad.numel() <= STACK_LIMIT:
+                key = (local_grad.device, local_grad.dtype, tuple(local_grad.shape[1:]))
+                stacks.setdefault(key, []).append((local_grad, weight))
+            else:
+                singles.append((local_grad, weight))
+        grads: list[torch.Tensor] = []
+        buckets: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._split_sizes: list[list[int] | None] = []
+        if vectors:  # biases and other vectors: one unit each, one foreach pass
+            vector_grads = [g for g, _ in vectors]
+            grads += vector_grads
+            buckets.append(
+                (
+                    torch.stack(torch._foreach_norm(vector_grads)),
+                    torch.stack(torch._foreach_norm([w for _, w in vectors])),
+                )
+            )
+            self._split_sizes.append(None)
+        for members in stacks.values():
+            # timm's unitwise_norm: over every dimension but the first, in the param's dtype.
+            stacked_grads = torch.cat([g for g, _ in members])
+            dims = tuple(range(1, stacked_grads.ndim))
+            grads += [g for g, _ in members]
+            buckets.append(
+                (
+                    torch.linalg.vector_norm(stacked_grads, dim=dims, keepdim=True),
+                    torch.linalg.vector_norm(
+                        torch.cat([w for _, w in members]), dim=dims, keepdim=True
+                    ),
+                )
+            )
+            self._split_sizes.append([g.shape[0] for g, _ in members])
+        for grad, weight in singles:
+            dims = tuple(range(1, grad.ndim))
+            grads.append(grad)
+            buckets.append(
+                (
+                    torch.linalg.vector_norm(grad, dim=dims, keepdim=True),
+                    torch.linalg.vector_norm(weight, dim=dims, keepdim=True),
+                )
+            )
+            self._split_sizes.append([grad.shape[0]])
+        if partial:
+            _all_reduce_squares(partial)
+            for local_grad, (_, squares, _) in zip(split_grads, partial):
+                grads.append(local_grad)
+                buckets.append((squares[0].sqrt(), squares[1].sqrt()))
+                self._split_sizes.append([squares[0].shape[0]] if squares[0].ndim else None)
+        return grads, kept, buckets
+
+    def _per_tensor(
+        self, factors: torch.Tensor, buckets: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """The flat factor vector cut back into one broadcastable factor per gradient."""
+        pieces = torch.split(factors, [norms.numel() for norms, _ in buckets])
+        out: list[torch.Tensor] = []
+        for piece, (norms, _), sizes in zip(pieces, buckets, self._split_sizes):
+            if sizes is None:  # a vector bucket: one 0-d factor per tensor
+                out += piece.unbind(0) if norms.ndim else [piece.reshape(())]
+            else:
+                out += torch.split(piece.reshape(norms.shape), sizes)
+        return out
 
 
 def _unit_squares(tensor: torch.Tensor) -> torch.Tensor:

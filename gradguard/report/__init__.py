@@ -1,8 +1,2 @@
-"""What gradguard says: the advice catalogue, ``guard.summary()`` and ``guard.report()``."""
-
-from __future__ import annotations
-
-from .summary import build_summary
-from .text import build_report
-
-__all__ = ["build_report", "build_summary"]
+"""What gradguard says: the advice catalogue (``advice``), ``guard.summary()`` (``summary``)
+and ``guard.report()`` (``text``)."""

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from .._events import EVENT_KINDS
 from .._stats import DEAD_FRACTION, SATURATION
+from ..detect.flow import GradientFlowDetector
 
 if TYPE_CHECKING:
-    from .._guard import GradGuard
-    from ..detect.flow import GradientFlowDetector
+    from .._readout import GuardReadout
 
 __all__ = ["KIND_LABELS", "build_summary", "kind_label", "kind_rank"]
 
@@ -35,13 +35,11 @@ def kind_rank(kind: str) -> int:
     return EVENT_KINDS.index(kind) if kind in EVENT_KINDS else len(EVENT_KINDS)
 
 
-def _flow_detector(guard: GradGuard) -> GradientFlowDetector | None:
-    from ..detect.flow import GradientFlowDetector
-
+def _flow_detector(guard: GuardReadout) -> GradientFlowDetector | None:
     return next((d for d in guard.detectors if isinstance(d, GradientFlowDetector)), None)
 
 
-def build_summary(guard: GradGuard) -> dict[str, Any]:
+def build_summary(guard: GuardReadout) -> dict[str, Any]:
     """The report as plain data (numbers, strings, lists, dicts): fit for any sink."""
     events = list(guard.events)
     counts = Counter(event.kind for event in events)

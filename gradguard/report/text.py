@@ -10,7 +10,7 @@ from .advice import fmt
 from .summary import build_summary, kind_label
 
 if TYPE_CHECKING:
-    from .._guard import GradGuard
+    from .._readout import GuardReadout
 
 __all__ = ["build_report"]
 
@@ -112,7 +112,7 @@ def _wrap(text: str, indent: str) -> list[str]:
     return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=indent + "  ")
 
 
-def build_report(guard: GradGuard) -> str:
+def build_report(guard: GuardReadout) -> str:
     """A diagnosis a person can act on: verdict, gradient flow per layer, Events, remedies."""
     summary = build_summary(guard)
     lines = [

@@ -27,6 +27,7 @@ from tests.distributed._common import (
     regression_mlp,
 )
 from tests.distributed._launch import run_workers
+from tests.strategies import assert_covers
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(150)]
 
@@ -374,6 +375,10 @@ def test_one_collective_per_step_off_logging_steps(ranks: list[dict[str, Any]]) 
         assert rank["collectives_logging_every_4"] == [3, 1, 1, 1]
         # A logging step adds one for the parameter norms and one for the update norms.
         assert rank["collectives_logging_every_step"] == [3] * STEPS
+
+
+def test_the_sharded_cases_cover_every_strategy() -> None:
+    assert_covers(clip_strategies().values())
 
 
 @pytest.mark.parametrize("strategy", list(clip_strategies()))

@@ -17,8 +17,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec.
 
 
 def test_tensorboard_logger_gets_figures_and_event_text_without_wiring(tmp_path: Path) -> None:
-    pytest.importorskip("gradguard.integrations.tensorboard")
-    pytest.importorskip("matplotlib")
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
     callback = GradGuardCallback(on_nonfinite="skip")
     run = trainer(tmp_path, max_steps=4, log_every_n_steps=2, logger=logger, callbacks=[callback])
@@ -38,9 +36,10 @@ def test_tensorboard_logger_gets_figures_and_event_text_without_wiring(tmp_path:
 def test_wandb_logger_gets_metrics_and_an_alert_without_wiring(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("gradguard.integrations.wandb")
-    wandb = pytest.importorskip("wandb")
-    wandb_reader = pytest.importorskip("tests.wandb_reader")
+    import wandb
+
+    from tests import wandb_reader
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

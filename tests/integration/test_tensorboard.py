@@ -249,7 +249,8 @@ def test_figures_off_and_no_writes_after_close(tmp_path: Path) -> None:
     sink = TensorBoardSink(str(tmp_path), figure_every_n_logs=0)
     sink.log_scalars({"gradguard/grad_norm/0": 1.0, "gradguard/grad_norm_total": 1.0}, 0)
     sink.close()
-    sink.log_scalars({"gradguard/grad_norm_total": 2.0}, 1)  # ignored, no new file opened
+    with pytest.raises(gg.GradGuardError, match="closed"):  # said, not silently dropped
+        sink.log_scalars({"gradguard/grad_norm_total": 2.0}, 1)
     sink.close()
     acc = _accumulator(tmp_path)
     assert acc.Tags()["images"] == []

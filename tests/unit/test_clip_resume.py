@@ -16,6 +16,7 @@ from torch import nn
 
 import gradguard as gg
 from tests.models import digits, mlp
+from tests.strategies import assert_covers
 
 STEPS, HALF, SPIKE = 40, 20, 30
 
@@ -78,6 +79,10 @@ def roundtrip(state: dict[str, Any]) -> dict[str, Any]:
     buffer.seek(0)
     loaded: dict[str, Any] = torch.load(buffer, weights_only=True)
     return loaded
+
+
+def test_the_resume_cases_cover_every_strategy() -> None:
+    assert_covers(STRATEGIES.values())
 
 
 CASES = [(name, True) for name in STRATEGIES] + [

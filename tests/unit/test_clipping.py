@@ -17,6 +17,7 @@ from torch import nn
 
 import gradguard as gg
 from tests.models import digits, mlp
+from tests.strategies import assert_covers
 from tests.syncs import count_syncs
 
 THRESHOLD = "gradguard/clip/threshold"
@@ -464,6 +465,11 @@ AMP_STRATEGIES: list[Callable[[], gg.ClipStrategy]] = [
     lambda: gg.ZClip(warmup_steps=3),
     lambda: gg.AGC(clipping=0.02),
 ]
+
+
+def test_the_tuned_lists_cover_every_strategy() -> None:
+    assert_covers(AMP_STRATEGIES)
+    assert_covers(ALL_STRATEGIES.values())
 
 
 @pytest.mark.parametrize("make", AMP_STRATEGIES)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradguard as gg
+from tests.strategies import assert_covers
 
 STRATEGIES: dict[str, Callable[[float], gg.ClipStrategy]] = {
     "norm": lambda limit: gg.NormClip(limit),
@@ -28,6 +29,11 @@ STRATEGIES: dict[str, Callable[[float], gg.ClipStrategy]] = {
     "zclip-percentile": lambda limit: gg.ZClip(warmup_steps=2, mode="percentile", z_threshold=0.5),
     "agc": lambda limit: gg.AGC(clipping=limit / 100),
 }
+
+
+def test_the_properties_cover_every_strategy() -> None:
+    assert_covers(lambda make=make: make(1.0) for make in STRATEGIES.values())
+
 
 SETTINGS = settings(
     max_examples=25,
