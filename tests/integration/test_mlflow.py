@@ -160,6 +160,10 @@ def test_the_nan_event_is_a_tag_and_a_line_of_the_events_file(
     tags = store.client.get_run(nan_run.run_id).data.tags
     (event,) = [e for e in nan_run.guard.events if e.kind == "nonfinite"]
     assert tags["gradguard.status"] == "error"
+    found = store.client.search_runs(
+        [store.experiment_id], filter_string="tags.\"gradguard.status\" = 'error'"
+    )
+    assert nan_run.run_id in {run.info.run_id for run in found}  # as the README says
     assert tags["gradguard.last_event.nonfinite"].startswith("step 10 (error): Gradient is NaN")
     assert event.advice in tags["gradguard.last_event.nonfinite"]
     lines = _download(store, nan_run.run_id, EVENTS_ARTIFACT).read_text().splitlines()
