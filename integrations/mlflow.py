@@ -100,7 +100,7 @@ REPORT_ARTIFACT = "gradguard/report.txt"
 STATUS_TAG = "gradguard.status"
 EVENT_TAG = "gradguard.last_event."
 # MLflow's limits (mlflow.utils.validation): per log_batch call, per key, per tag value
-# (8000 since MLflow 2.x; older servers take 5000, so we stay under that).
+# (8000 characters in MLflow 3.17; we stay under 5000, the limit of older servers).
 _MAX_ENTITIES_PER_CALL = 1000
 _MAX_TAGS_PER_CALL = 100
 _MAX_KEY_LENGTH = 250
