@@ -97,8 +97,8 @@ class _TrainerLoggerSink:
 
 
 def _dashboard_sink(logger: Any) -> gg.Sink | None:
-    """gradguard's own sink for a TensorBoard or W&B logger, on the logger's writer or run."""
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+    """gradguard's own sink for a TensorBoard, W&B or MLflow logger, on its writer or run."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
     try:
         if isinstance(logger, TensorBoardLogger):
@@ -110,6 +110,12 @@ def _dashboard_sink(logger: Any) -> gg.Sink | None:
             from gradguard.integrations.wandb import WandbSink
 
             sink = WandbSink(run=logger.experiment)
+            return sink
+        if isinstance(logger, MLFlowLogger):
+            from gradguard.integrations.mlflow import MlflowSink
+
+            # The logger's run is not MLflow's active run: tell the sink which run, and how.
+            sink = MlflowSink(run_id=logger.run_id, client=logger.experiment)
             return sink
     except (ImportError, AttributeError, TypeError):
         # The dashboard sink is missing or older than this adapter: plain log_metrics it is.

@@ -65,15 +65,14 @@ import hashlib
 import json
 import math
 import re
-import threading
 import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
+from gradguard._dist import is_rank_zero
 from gradguard._errors import (
     ConfigurationError,
     GradGuardError,
@@ -83,15 +82,20 @@ from gradguard._errors import (
     check_positive_int,
 )
 from gradguard._events import Event
+from gradguard._keys import MetricKeys
 
 from ._figures import (
     GradientFlow,
-    derive_prefix,
-    gradient_flow_from_scalars,
-    is_rank_zero,
+    gradient_flow,
+    prefix_of,
     render_gradient_flow,
     require,
 )
+from ._mlflow_writer import MAX_ENTITIES_PER_CALL as _MAX_ENTITIES_PER_CALL
+from ._mlflow_writer import MAX_PENDING as _MAX_PENDING
+from ._mlflow_writer import Batch as _Batch
+from ._mlflow_writer import Job as _Job
+from ._mlflow_writer import Writer as _Writer
 
 __all__ = ["MlflowSink", "event_record", "metric_key"]
 
@@ -101,11 +105,8 @@ STATUS_TAG = "gradguard.status"
 EVENT_TAG = "gradguard.last_event."
 # MLflow's limits (mlflow.utils.validation): per log_batch call, per key, per tag value
 # (8000 characters in MLflow 3.17; we stay under 5000, the limit of older servers).
-_MAX_ENTITIES_PER_CALL = 1000
-_MAX_TAGS_PER_CALL = 100
 _MAX_KEY_LENGTH = 250
 _MAX_TAG_VALUE_LENGTH = 5000
-_MAX_PENDING = 1000
 _EXIT_TIMEOUT_S = 10.0  # at interpreter exit, when nobody closed the sink
 _SEVERITY_RANK = {"ok": 0, "warning": 1, "error": 2}
 # Characters MLflow accepts in metric keys on every OS (colons are refused on Windows).
@@ -146,104 +147,6 @@ def event_record(event: Event) -> str:
 def _tag_text(event: Event) -> str:
     text = f"step {event.step} ({event.severity}): {event.message} Try: {event.advice}"
     return text if len(text) <= _MAX_TAG_VALUE_LENGTH else text[: _MAX_TAG_VALUE_LENGTH - 3] + "..."
-
-
-# ---------------------------------------------------------------------- the writer thread
-@dataclass
-class _Batch:
-    """Metrics and tags for ``log_batch``; consecutive batches are merged while they fit."""
-
-    metrics: list[Any] = field(default_factory=list)
-    tags: list[Any] = field(default_factory=list)
-
-    def fits_with(self, other: _Batch) -> bool:
-        tags = len(self.tags) + len(other.tags)
-        if {t.key for t in self.tags} & {t.key for t in other.tags}:
-            return False  # one call must not set a tag twice
-        return tags <= _MAX_TAGS_PER_CALL and (
-            len(self.metrics) + len(other.metrics) + tags <= _MAX_ENTITIES_PER_CALL
-        )
-
-
-_Job = _Batch | Callable[[], None]
-
-
-class _Writer:
-    """One daemon thread that performs the sink's writes in the order they were queued.
-
-    The first failure is kept and every later write dropped: the sink raises it on its next
-    call, on the training thread, where the guard turns it into one warning.
-    """
-
-    def __init__(self, send_batch: Callable[[_Batch], None]) -> None:
-        self._send_batch = send_batch
-        self._jobs: deque[_Job] = deque()
-        self._busy = False
-        self._stopping = False
-        self._changed = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-
-    def put(self, job: _Job) -> bool:
-        """Queue ``job``; False (and nothing queued) when ``_MAX_PENDING`` writes wait."""
-        with self._changed:
-            if len(self._jobs) >= _MAX_PENDING:
-                return False
-            last = self._jobs[-1] if self._jobs else None
-            if isinstance(job, _Batch) and isinstance(last, _Batch) and last.fits_with(job):
-                last.metrics.extend(job.metrics)  # one call for several logging steps
-                last.tags.extend(job.tags)
-            else:
-                self._jobs.append(job)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name="gradguard-mlflow", daemon=True
-                )
-                self._thread.start()
-            self._changed.notify_all()
-        return True
-
-    @property
-    def pending(self) -> int:
-        with self._changed:
-            return len(self._jobs) + self._busy
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until every queued write is done (or one failed); False on timeout."""
-        with self._changed:
-            return self._changed.wait_for(
-                lambda: self.error is not None or (not self._jobs and not self._busy), timeout
-            )
-
-    def stop(self, *, drop: bool = False) -> None:
-        """The thread ends once the queue is empty (at once after the current write: drop)."""
-        with self._changed:
-            self._stopping = True
-            if drop:
-                self._jobs.clear()
-            self._changed.notify_all()
-
-    def _loop(self) -> None:
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: bool(self._jobs) or self._stopping)
-                if not self._jobs:
-                    return
-                job = self._jobs.popleft()
-                self._busy = True
-            try:
-                if isinstance(job, _Batch):
-                    self._send_batch(job)
-                else:
-                    job()
-            except BaseException as error:  # kept, raised on the training thread
-                with self._changed:
-                    self.error = error
-                    self._jobs.clear()
-            finally:
-                with self._changed:
-                    self._busy = False
-                    self._changed.notify_all()
 
 
 def _flush_at_exit(sink_ref: weakref.ref[MlflowSink]) -> None:
@@ -361,12 +264,13 @@ class MlflowSink:
 
     # ------------------------------------------------------------------ Sink protocol
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-        if self._closed or not scalars or not is_rank_zero():
+        self._check_open()
+        if not scalars or not is_rank_zero():
             return
         self._check_writer()
         self._resolve_run()
         if self.prefix is None:
-            self.prefix = derive_prefix(scalars)
+            self.prefix = prefix_of(scalars)
         now = int(time.time() * 1000)
         batch = _Batch(
             metrics=[self._metric(self._key(k), float(v), now, step) for k, v in scalars.items()]
@@ -381,7 +285,7 @@ class MlflowSink:
         self._unpainted = None
         if not self._figures_on:
             return
-        flow = gradient_flow_from_scalars(scalars, step, self.prefix)
+        flow = gradient_flow(scalars, step)
         if flow is None:
             return
         if (self._logs - 1) % self.figure_every_n_logs == 0:
@@ -390,7 +294,8 @@ class MlflowSink:
             self._unpainted = flow
 
     def log_event(self, event: Event) -> None:
-        if self._closed or not is_rank_zero():
+        self._check_open()
+        if not is_rank_zero():
             return
         self._check_writer()
         self._resolve_run()
@@ -453,6 +358,13 @@ class MlflowSink:
         self.log_text(report, REPORT_ARTIFACT)
 
     # ------------------------------------------------------------------ internals
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GradGuardError(
+                "this MlflowSink is closed (guard.close() closes the sinks): give the guard a "
+                "new MlflowSink, or use guard.detach() to keep them open"
+            )
+
     def _check_writer(self) -> None:
         while self._notices:
             warnings.warn(self._notices.popleft(), GradGuardWarning, stacklevel=3)
@@ -520,7 +432,9 @@ class MlflowSink:
         """On the writer thread: draw and log one figure; a failure turns figures off."""
         if not self._figures_on:
             return
-        key = _BAD_IMAGE_KEY_CHARS.sub("_", self.prefix or "gradguard") + "/gradient_flow"
+        key = _BAD_IMAGE_KEY_CHARS.sub(
+            "_", MetricKeys(self.prefix or "gradguard").figure("gradient_flow")
+        )
         try:
             pixels = render_gradient_flow(flow)
             self.client.log_image(self.run_id, pixels, key=key, step=flow.step, timestamp=timestamp)

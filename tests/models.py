@@ -8,6 +8,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+import gradguard as gg
+
 
 def mlp(sizes: list[int], act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -58,3 +60,20 @@ def separable_data() -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(256, 16, generator=gen)
     y = (x @ torch.randn(16, 4, generator=gen)).argmax(1)
     return x, y
+
+
+def step_metrics(step: int, grad_norms: dict[str, float | None]) -> gg.StepMetrics:
+    """What a guard hands its sinks on a logging step: keyed values plus typed statistics
+    (layers in the order given, ``None`` for a layer without a gradient)."""
+    norms = tuple(grad_norms.values())
+    total = sum(n * n for n in norms if n is not None) ** 0.5
+    stats = gg.LoggedStats(
+        step=step,
+        sink_step=step,
+        layers=tuple(grad_norms),
+        total=total,
+        per_layer={"grad_norm": norms, "param_norm": tuple(1.0 for _ in norms)},
+        scalars={},
+        present=tuple(n is not None for n in norms),
+    )
+    return gg.MetricKeys().flatten(stats)

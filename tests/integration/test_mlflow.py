@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 import gradguard as gg
-from tests.models import mlp, separable_data
+from tests.models import mlp, separable_data, step_metrics
 
 LAYERS = ["0", "2", "4"]
 RED = np.array([0xC0, 0x39, 0x2B])
@@ -246,6 +246,33 @@ def test_lightning_mlflow_logger_run_and_client(store: Store, tmp_path: Path) ->
     assert mlflow.active_run() is None
 
 
+@pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec.*:FutureWarning")
+def test_lightning_callback_sends_to_the_mlflow_logger_without_wiring(
+    store: Store, tmp_path: Path
+) -> None:
+    from gradguard.integrations.lightning import GradGuardCallback
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from tests.integration.lightning_kit import DigitsModule, digits_loader, trainer
+
+    logger = MLFlowLogger(
+        experiment_name="lightning-auto",
+        tracking_uri=store.uri,
+        artifact_location=str(tmp_path / "artifacts"),
+    )
+    callback = GradGuardCallback(on_nonfinite="skip")
+    run_trainer = trainer(
+        tmp_path, max_steps=5, log_every_n_steps=2, logger=logger, callbacks=[callback]
+    )
+    with pytest.warns(gg.GradGuardWarning, match="NaN"):
+        run_trainer.fit(DigitsModule(nan_at=1), digits_loader())
+    run = store.client.get_run(logger.run_id)
+    # One route to MLflow (gradguard's sink, not log_metrics too): each logging step once.
+    assert [s for s, _ in _history(store, logger.run_id, "gradguard/grad_norm_total")] == [0, 2, 4]
+    assert run.data.tags["gradguard.status"] == "error"
+    assert "gradguard.last_event.nonfinite" in run.data.tags
+
+
 def test_no_active_run_says_to_start_one_and_starts_nothing(store: Store) -> None:
     before = len(store.client.search_runs([store.experiment_id]))
     sink = MlflowSink(figure_every_n_logs=0)
@@ -303,7 +330,7 @@ def test_writes_piling_up_for_a_hung_server_give_up_with_an_error(
 ) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    scalars = {"gradguard/grad_norm/0": 1.0, "gradguard/grad_norm_total": 1.0}
+    scalars = step_metrics(0, {"0": 1.0})
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -315,7 +342,8 @@ def test_writes_piling_up_for_a_hung_server_give_up_with_an_error(
                 sink.log_scalars(scalars, step)
     assert step == 500  # 1000 writes queued behind the hung one, then the error
     assert uri in str(caught.value) and "reachable" in str(caught.value)
-    sink.log_scalars(scalars, 601)  # given up: nothing more is queued
+    with pytest.raises(gg.GradGuardError, match="closed"):  # given up: says so, queues nothing
+        sink.log_scalars(scalars, 601)
     sink.close()
 
 

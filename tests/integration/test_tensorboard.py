@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 import gradguard as gg
-from tests.models import mlp, separable_data
+from tests.models import mlp, separable_data, step_metrics
 
 LAYERS = ["0", "2", "4"]
 RED = np.array([0xC0, 0x39, 0x2B])
@@ -276,20 +276,6 @@ def test_missing_backend_names_the_extra(monkeypatch: pytest.MonkeyPatch, missin
         TensorBoardSink("unused")
 
 
-def _metrics(step: int, grad_norm: float) -> gg.StepMetrics:
-    """What a guard sends on a logging step: keyed values plus the typed statistics."""
-    stats = gg.LoggedStats(
-        step=step,
-        sink_step=step,
-        layers=("0",),
-        total=grad_norm,
-        per_layer={"grad_norm": (grad_norm,), "param_norm": (1.0,)},
-        scalars={},
-        present=(True,),
-    )
-    return gg.MetricKeys().flatten(stats)
-
-
 def test_a_failing_figure_keeps_the_scalars(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -303,7 +289,7 @@ def test_a_failing_figure_keeps_the_scalars(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(3):
-            sink.log_scalars(_metrics(step, grad_norm=1.0), step)
+            sink.log_scalars(step_metrics(step, {"0": 1.0}), step)
         sink.close()
     assert len(caught) == 1 and "without figures" in str(caught[0].message)
     acc = _accumulator(tmp_path)

@@ -201,6 +201,17 @@ def test_clip_bad_arguments_are_refused_at_construction(cls: type[gg.ClipStrateg
 IN_PROCESS = {"MemorySink", "LoggingSink"}
 
 
+@pytest.fixture(scope="module")
+def mlflow_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, str]:
+    """A real local MLflow store (SQLite; creating its tables takes a second) and a run."""
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.create_experiment("contract", artifact_location=str(root / "artifacts"))
+    return client, experiment
+
+
 @pytest.fixture
 def wandb_run(tmp_path: Path) -> Iterator[Any]:
     import wandb
@@ -220,6 +231,9 @@ def _make_sink(cls: type[Any], tmp_path: Path, request: pytest.FixtureRequest) -
         return cls(logging.getLogger("gradguard.contract"))
     if name == "MemorySink":
         return cls()
+    if name == "MlflowSink":
+        client, experiment = request.getfixturevalue("mlflow_run")
+        return cls(client.create_run(experiment).info.run_id, client=client)
     raise AssertionError(f"add a way to build {name} to tests/unit/test_contracts.py")
 
 
@@ -268,7 +282,7 @@ def test_a_closed_sink_never_drops_writes_in_silence(
 
 def test_the_lists_above_cover_what_gradguard_ships() -> None:
     names = {cls.__name__ for cls in sink_classes()}
-    assert {"MemorySink", "LoggingSink", "TensorBoardSink", "WandbSink"} <= names
+    assert {"MemorySink", "LoggingSink", "TensorBoardSink", "WandbSink", "MlflowSink"} <= names
     assert {cls.__name__ for cls in clip_classes()} == {
         "NormClip",
         "ValueClip",
