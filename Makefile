@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo test lint typecheck bench clean
-.PHONY: docs docs-examples
+.PHONY: docs docs-images docs-examples
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: $(VENV)/.installed
 # Not --quiet: it hides the warnings that --strict counts, and the build passes them.
 docs: $(VENV)/.docs-installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# TensorBoard screenshots in docs/img/ from a real `gradguard demo` run (needs chromium).
+docs-images: $(VENV)/.installed
+	MPLBACKEND=Agg $(BIN)/python docs/screenshots.py
 
 # The Event texts the docs quote, in docs/snippets/events/, from small real runs.
 docs-examples: $(VENV)/.installed
