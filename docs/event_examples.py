@@ -3,7 +3,7 @@
 Each scenario trains a tiny model on scikit-learn's bundled digits (no download) with a
 known problem, with gradguard attached, and keeps the first Event of the kind it is
 meant to show. The text of each Event (``str(event)``: message and advice, exactly as
-gradguard wrote them, wrapped at 88 columns) goes to ``docs/snippets/events/<name>.txt``,
+gradguard wrote them, wrapped at 76 columns) goes to ``docs/snippets/events/<name>.txt``,
 which the Troubleshooting and Metrics pages include. Regenerate after changing any
 wording in gradguard:
 
@@ -175,7 +175,7 @@ SCENARIOS: dict[str, Callable[[], gg.Event]] = {
 
 def render(event: gg.Event) -> str:
     """``str(event)`` wrapped, then the fields a program would read."""
-    body = textwrap.fill(str(event), width=88, break_on_hyphens=False, break_long_words=False)
+    body = textwrap.fill(str(event), width=76, break_on_hyphens=False, break_long_words=False)
     layers = ", ".join(event.layers[:4]) + (" ..." if len(event.layers) > 4 else "")
     fields = (
         f"kind={event.kind}  severity={event.severity}  value={event.value:.4g}  layers=({layers})"
