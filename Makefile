@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo test lint typecheck bench clean
+.PHONY: docs docs-images docs-examples
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +14,11 @@ $(BIN)/activate:
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e '.[all,dev]'
+	touch $@
+
+# The docs extra has its own stamp, so `make test` never installs it.
+$(VENV)/.docs-installed: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[docs]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -31,5 +37,19 @@ typecheck: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/overhead.py --threads 1 --markdown benchmarks/RESULTS-cpu.md
 
+# The site, into site/, with `mkdocs build --strict` (docs/check_api.py runs as a hook).
+# Not --quiet: it hides the warnings that --strict counts, and the build passes them.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# TensorBoard screenshots in docs/img/ from a real `gradguard demo` run (needs chromium).
+docs-images: $(VENV)/.installed
+	MPLBACKEND=Agg $(BIN)/python docs/screenshots.py
+
+# The Event texts the docs quote, in docs/snippets/events/, from small real runs.
+docs-examples: $(VENV)/.installed
+	$(BIN)/python docs/event_examples.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf site
