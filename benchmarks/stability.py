@@ -476,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = render_markdown(results, settings, configs, lrs, seeds, command.strip(), seconds)
     print(report)
     if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(report)
         log(f"wrote {args.markdown}")
     if args.json:
@@ -484,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": command.strip(),
             "settings": asdict(settings),
         }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(runs_to_json(results, header))
         log(f"wrote {args.json}")
     return 0

@@ -299,4 +299,4 @@ def runs_to_json(results: Sequence[RunResult], header: Mapping[str, Any]) -> str
         "divergence_factor": DIVERGENCE_FACTOR,
     }
     payload = {**header, "definitions": definitions, "runs": [asdict(r) for r in results]}
-    return json.dumps(clean(payload), indent=1)
+    return json.dumps(clean(payload), separators=(",", ":"))
