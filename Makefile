@@ -31,5 +31,10 @@ typecheck: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/overhead.py --threads 1 --markdown benchmarks/RESULTS-cpu.md
 
+.PHONY: stability
+# The stability sweep (~8 minutes on one CPU thread); the raw numbers go to runs/ (ignored).
+stability: $(VENV)/.installed
+	$(BIN)/python benchmarks/stability.py --threads 1 --markdown benchmarks/RESULTS-stability.md --json runs/stability.json
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
