@@ -20,6 +20,7 @@ __all__ = [
     "SPIKE_MIN_HISTORY",
     "SPIKE_WINDOW",
     "RunResult",
+    "grad_jump_before",
     "loss_spikes",
     "render_runs",
     "render_tables",
@@ -45,6 +46,7 @@ class RunResult:
     diverged: bool
     spike_steps: list[int]
     first_spike_step: int | None
+    grad_jump_before_spike: float | None
     steps_to_target: int | None
     observed: bool
     events: list[dict[str, Any]]
@@ -86,6 +88,18 @@ def loss_spikes(losses: Sequence[float]) -> list[int]:
     return starts
 
 
+def grad_jump_before(grad_norms: Sequence[float], step: int, lookback: int = 5) -> float | None:
+    """The largest ``grad_norms[t] / median(grad_norms[t - SPIKE_WINDOW : t])`` over the
+    ``lookback`` steps up to and including ``step``: how loudly the gradient norm announced a
+    loss spike (a norm-based detector can only warn early if this is large)."""
+    jumps = []
+    for t in range(max(1, step - lookback), min(step, len(grad_norms) - 1) + 1):
+        history = [g for g in grad_norms[max(0, t - SPIKE_WINDOW) : t] if math.isfinite(g)]
+        if history and math.isfinite(grad_norms[t]) and statistics.median(history) > 0:
+            jumps.append(grad_norms[t] / statistics.median(history))
+    return max(jumps) if jumps else None
+
+
 def summarise_run(
     *,
     config: str,
@@ -123,6 +137,9 @@ def summarise_run(
         diverged=diverged,
         spike_steps=spikes,
         first_spike_step=first_spike,
+        grad_jump_before_spike=(
+            None if first_spike is None else grad_jump_before(grad_norms, first_spike)
+        ),
         steps_to_target=reached[0] if reached else None,
         observed=observed,
         events=events,
@@ -261,22 +278,35 @@ def render_runs(results: Sequence[RunResult]) -> str:
     """Every run on one line, to read the story behind a cell."""
     lines = [
         "| configuration | lr | seed | diverged | spikes | first spike | final val "
-        "| to target | first Event | lead | Events |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|",
+        "| to target | grad-norm jump | first Event | lead | Events |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in results:
         event = f"{r.first_event_kind}@{r.first_event_step}" if r.first_event_kind else "–"
         lines.append(
             f"| {r.config} | {r.lr:g} | {r.seed} | {'yes' if r.diverged else 'no'} "
             f"| {r.spikes} | {_optional(r.first_spike_step)} | {_loss_text(r.final_val_loss)} "
-            f"| {_optional(r.steps_to_target)} | {event if r.observed else 'not observed'} "
-            f"| {_optional(r.lead_time)} | {len(r.events) if r.observed else '–'} |"
+            f"| {_optional(r.steps_to_target)} | {_jump_text(r.grad_jump_before_spike)} "
+            f"| {event if r.observed else 'not observed'} | {_optional(r.lead_time)} "
+            f"| {_event_counts(r) if r.observed else '–'} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def _optional(value: int | None) -> str:
     return "–" if value is None else str(value)
+
+
+def _jump_text(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}x"
+
+
+def _event_counts(r: RunResult) -> str:
+    """``kind xN`` per Event kind, in order of first appearance."""
+    counts: dict[str, int] = {}
+    for event in r.events:
+        counts[event["kind"]] = counts.get(event["kind"], 0) + 1
+    return ", ".join(f"{kind} x{n}" for kind, n in counts.items()) or "none"
 
 
 def runs_to_json(results: Sequence[RunResult], header: Mapping[str, Any]) -> str:

@@ -66,6 +66,7 @@ def test_small_rate_learns_and_absurd_rate_diverges(sweep: tuple[object, list[ob
         else:
             assert r.diverged, r
             assert r.spikes >= 1 and r.first_spike_step == r.spike_steps[0]
+            assert r.grad_jump_before_spike is not None and r.grad_jump_before_spike > 0.0
             assert r.steps_to_target is None
         if r.lead_time is not None:
             assert r.lead_time == r.first_spike_step - r.first_event_step
@@ -118,6 +119,13 @@ def test_loss_spikes_counts_each_excursion_once(metrics: ModuleType) -> None:
     # A falling loss is never a spike, and nothing counts before step 10.
     assert metrics.loss_spikes([5.0 - 0.1 * i for i in range(40)]) == []
     assert metrics.loss_spikes([1.0, 9.0] + [1.0] * 20) == []
+
+
+def test_grad_jump_reads_the_five_steps_up_to_the_spike(metrics: ModuleType) -> None:
+    norms = [1.0] * 20 + [4.0, 1.0, 1.0]
+    assert metrics.grad_jump_before(norms, 22) == 4.0  # step 20 is within 5 steps of 22
+    assert metrics.grad_jump_before(norms, 19) == 1.0  # before the jump: nothing announced
+    assert metrics.grad_jump_before([1.0] * 20 + [math.nan], 20) == 1.0  # NaN is no number
 
 
 def test_list_names_every_configuration(
