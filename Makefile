@@ -49,6 +49,10 @@ docs-images: $(VENV)/.installed
 # The Event texts the docs quote, in docs/snippets/events/, from small real runs.
 docs-examples: $(VENV)/.installed
 	$(BIN)/python docs/event_examples.py
+.PHONY: stability
+# The stability sweep (~8 minutes on one CPU thread); the raw numbers go to runs/ (ignored).
+stability: $(VENV)/.installed
+	$(BIN)/python benchmarks/stability.py --threads 1 --markdown benchmarks/RESULTS-stability.md --json runs/stability.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
