@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo test lint typecheck bench clean
-.PHONY: docs docs-images docs-examples
+.PHONY: docs docs-images docs-examples stability fixed-cost
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,12 @@ typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
 bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/fixed_cost.py --threads 1 --markdown benchmarks/RESULTS-fixed-cost.md
 	$(BIN)/python benchmarks/overhead.py --threads 1 --markdown benchmarks/RESULTS-cpu.md
+
+# gradguard's fixed per-step cost next to clip_grad_norm_'s (about a minute).
+fixed-cost: $(VENV)/.installed
+	$(BIN)/python benchmarks/fixed_cost.py --threads 1
 
 # The site, into site/, with `mkdocs build --strict` (docs/check_api.py runs as a hook).
 # Not --quiet: it hides the warnings that --strict counts, and the build passes them.
@@ -49,7 +54,7 @@ docs-images: $(VENV)/.installed
 # The Event texts the docs quote, in docs/snippets/events/, from small real runs.
 docs-examples: $(VENV)/.installed
 	$(BIN)/python docs/event_examples.py
-.PHONY: stability
+
 # The stability sweep (~8 minutes on one CPU thread); the raw numbers go to runs/ (ignored).
 stability: $(VENV)/.installed
 	$(BIN)/python benchmarks/stability.py --threads 1 --markdown benchmarks/RESULTS-stability.md --json runs/stability.json

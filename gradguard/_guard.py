@@ -107,6 +107,8 @@ class GradGuard(GuardReadout):
         self._depth_source = "registration"
         self._compiled = False
         self._last_layers: list[str] = []
+        self._loss: torch.Tensor | None = None
+        self._loss_parts = 0
         self._mirror = HostMirror(self._on_packet)
 
     def _all_detectors(self) -> list[Detector]:
@@ -258,8 +260,9 @@ class GradGuard(GuardReadout):
         binding = self._refresh(binding)
         step = self._step
         shown = self._announcer.map_step(step, sink_step)
+        loss, self._loss, self._loss_parts = self._loss, None, 0
         try:
-            out = binding.pipeline.run(step, found_inf=found_inf, apply_skip=apply_skip)
+            out = binding.pipeline.run(step, found_inf=found_inf, apply_skip=apply_skip, loss=loss)
         except GradientAlarmError as alarm:
             self._step = step + 1
             self._nonfinite_steps += 1
@@ -274,6 +277,25 @@ class GradGuard(GuardReadout):
         self._step = step + 1
         self._in_step = True
         return out.decision
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Hand the guard this step's training loss, for the loss-aware detectors.
+
+        No host sync: a tensor stays on the device and travels with the step's packet.
+        Call it once per forward pass (under gradient accumulation, once per micro-batch:
+        the step's loss is their mean). The Lightning adapter calls it for you.
+        """
+        if isinstance(loss, torch.Tensor):
+            value = loss.detach().float().reshape(())
+        else:  # a fill on the device: no host->device copy
+            device = self._binding.device if self._binding is not None else torch.device("cpu")
+            value = torch.full((), float(loss), device=device)
+        if self._loss is None or self._loss_parts == 0:
+            self._loss, self._loss_parts = value, 1
+        else:
+            parts = self._loss_parts
+            self._loss = torch.lerp(self._loss, value.to(self._loss.device), 1.0 / (parts + 1))
+            self._loss_parts = parts + 1
 
     def after_step(self) -> None:
         """Finish the step: restore optimizer attributes, log, schedule activation windows."""

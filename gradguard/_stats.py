@@ -63,7 +63,8 @@ class StepStats:
     ones (0 for a layer without a gradient: see ``present``). ``nonfinite`` is True when the
     total is NaN/Inf and the step was not a ``GradScaler`` overflow (those belong to the
     scaler). ``values`` holds what else the pipeline measured on the device this step, by
-    name: ``clip/threshold``, ``clip/coef``, ``clip/clipped``, ``spike/zscore``...
+    name: ``clip/threshold``, ``clip/coef``, ``spike/zscore``, and ``loss`` when the training
+    loss was handed over (``guard.observe_loss``).
     """
 
     step: int
@@ -74,6 +75,11 @@ class StepStats:
     nonfinite: bool
     skipped: bool
     values: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float | None:
+        """The step's training loss, if it was handed over (``guard.observe_loss``)."""
+        return self.values.get("loss")
 
     def nonfinite_layers(self) -> list[str]:
         """Layers whose gradient norm is NaN/Inf, closest to the loss first."""

@@ -34,11 +34,12 @@ from .clip.base import ClipContext, ClipResult
 from .detect.spike import FLAG, RUNNING, ZSCORE
 from .report.advice import nonfinite_text
 
-__all__ = ["SCALER_OVERFLOW", "SKIP", "StepOutput", "StepPipeline"]
+__all__ = ["LOSS", "SCALER_OVERFLOW", "SKIP", "StepOutput", "StepPipeline"]
 
 # Names of packet extras (besides the clip's and the spike twin's).
 SKIP = "skip"
 SCALER_OVERFLOW = "scaler_overflow"
+LOSS = "loss"
 
 
 @dataclass
@@ -71,11 +72,11 @@ class StepPipeline:
         self._skip_on = config.on_nonfinite == "skip" or config.on_spike == "skip"
         self._decide_now = config.on_nonfinite == "raise"
         self._spike_on_device = config.on_spike == "skip"
-        self._specs: dict[tuple[bool, bool], PacketSpec] = {}
+        self._specs: dict[tuple[bool, bool, bool], PacketSpec] = {}
 
-    def spec(self, scaler: bool, host_decides: bool) -> PacketSpec:
-        """The packet layout of a step (cached: at most four per layout)."""
-        key = (scaler, host_decides)
+    def spec(self, scaler: bool, host_decides: bool, loss: bool = False) -> PacketSpec:
+        """The packet layout of a step (cached: at most eight per layout)."""
+        key = (scaler, host_decides, loss)
         if key not in self._specs:
             extras: list[str] = []
             if self.config.clip is not None:
@@ -86,12 +87,19 @@ class StepPipeline:
                 extras.append(SKIP)
             if scaler:
                 extras.append(SCALER_OVERFLOW)
+            if loss:
+                extras.append(LOSS)
             self._specs[key] = PacketSpec(self.layout.num_layers, extras)
         return self._specs[key]
 
     @torch.no_grad()
     def run(
-        self, step: int, *, found_inf: torch.Tensor | None = None, apply_skip: bool = True
+        self,
+        step: int,
+        *,
+        found_inf: torch.Tensor | None = None,
+        apply_skip: bool = True,
+        loss: torch.Tensor | None = None,
     ) -> StepOutput:
         """One step's device work (no autograd: nothing here is ever differentiated)."""
         optimizer, config = self.optimizer, self.config
@@ -164,8 +172,10 @@ class StepPipeline:
             if apply_skip:
                 self.found_inf.apply(optimizer, skip_flag)
 
-        # 5. pack
-        spec = self.spec(found_inf is not None, host_decides)
+        # 5. pack (with the step's loss, when the user or the adapter handed it over)
+        if loss is not None:
+            extras[LOSS] = loss.to(self.device)
+        spec = self.spec(found_inf is not None, host_decides, loss is not None)
         packet = spec.pack(norms.head, extras)
         decision = StepDecision(step, skip, skip_flag.float() if skip_flag is not None else None)
         return StepOutput(packet, spec, decision, norms, clip_result)

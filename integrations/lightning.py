@@ -241,6 +241,13 @@ class GradGuardCallback(_CallbackBase):
             watch.scaler_skip = decision.skip_flag
         watch.measured_in_step = watch.inside_step
 
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        # Every micro-batch's loss: the loss-aware detectors see the optimizer step's mean.
+        for watch in self._watches:
+            watch.guard.observe_loss(loss)
+
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
