@@ -14,9 +14,11 @@ isolates that cost on a tiny model where the step itself is cheap:
 * the ratio of each configuration's added time to ``clip_grad_norm_(1.0)``'s: the bar
   that watching everything should not exceed by much;
 * the number of aten ops each configuration adds to one non-logging step, counted with a
-  ``TorchDispatchMode`` (the dispatch cost a GPU pays per op, whatever the model size),
-  for a 5-layer and a 65-layer model (an op count that grows with depth is Python or
-  per-layer work on every step).
+  ``TorchDispatchMode``: on this CPU, and with the strategies' bookkeeping on the device
+  as on an accelerator (a CPU device keeps it on the host, where reading a value is no
+  sync; the accelerator count is what a GPU pays in kernel launches, whatever the model
+  size), for a 5-layer and a 65-layer model (an op count that grows with depth is Python
+  or per-layer work on every step).
 
 Logging steps and activation windows are moved out of the way (``log_every_n_steps`` and
 the sampling interval set beyond the run), so the numbers are the cost of an ordinary step.
@@ -124,6 +126,7 @@ class Runner:
     x: torch.Tensor
     y: torch.Tensor
     added: list[float] = field(default_factory=list)
+    block_times: list[float] = field(default_factory=list)
     block: float = 0.0
 
     def step(self) -> None:
@@ -175,6 +178,7 @@ def measure_time(
             for _ in range(steps):
                 runner.step()
             runner.block = (clock() - start) / steps
+            runner.block_times.append(runner.block)
         for runner in runners:
             runner.added.append(runner.block - bare.block)
 
@@ -195,6 +199,32 @@ def _machine() -> str:
     )
 
 
+def ops_added(configs_: list[Config], layers: int, batch: int) -> dict[str, int]:
+    """aten ops each configuration adds to one ordinary step of a ``layers``-deep model."""
+    base = tiny_mlp(layers)
+    bare = _runner(configs_[0], base, batch, 32)
+    bare_ops = ops_per_step(bare)
+    added = {}
+    for config in configs_:
+        runner = _runner(config, base, batch, 32)
+        added[config.name] = ops_per_step(runner) - bare_ops
+        runner.teardown()
+    return added
+
+
+def device_bookkeeping_ops(configs_: list[Config], layers: int, batch: int) -> dict[str, int]:
+    """The same count with every strategy's bookkeeping on the device, as on an accelerator
+    (on a CPU device gradguard keeps it on the host: see ``gradguard.clip.base``)."""
+    import gradguard.clip.base as clip_base
+
+    saved = clip_base.HOST_BOOKKEEPING_ON_CPU
+    clip_base.HOST_BOOKKEEPING_ON_CPU = False
+    try:
+        return ops_added(configs_, layers, batch)
+    finally:
+        clip_base.HOST_BOOKKEEPING_ON_CPU = saved
+
+
 def run(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -205,37 +235,31 @@ def run(args: argparse.Namespace) -> str:
     runners = [_runner(c, base, args.batch, 32) for c in chosen]
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     measure_time(runners, args.repeats, args.steps, clock)
-    bare_ops = ops_per_step(runners[0])
-    deep_base = tiny_mlp(65)
-    deep_ops: dict[str, int] = {}
-    deep_bare = _runner(chosen[0], deep_base, args.batch, 32)
-    deep_bare_ops = ops_per_step(deep_bare)
-    for config in chosen:
-        deep = _runner(config, deep_base, args.batch, 32)
-        deep_ops[config.name] = ops_per_step(deep) - deep_bare_ops
-        deep.teardown()
-    bare_step = statistics.median(
-        [statistics.median([r.block for r in runners[:1]])]
-    )  # the last repeat's bare block, for scale
+    bare_step = statistics.median(runners[0].block_times)
     reference = next((r for r in runners if r.config.name == "clip_grad_norm_"), None)
     ref_added = statistics.median(reference.added) if reference is not None else float("nan")
+    cpu_ops = ops_added(chosen, args.layers, args.batch)
+    device_ops = device_bookkeeping_ops(chosen, args.layers, args.batch)
+    deep_device_ops = device_bookkeeping_ops(chosen, 65, args.batch)
     lines = [
         f"Fixed per-step cost ({args.layers}×Linear(32) MLP, batch {args.batch}, AdamW foreach; "
-        f"{args.repeats} repeats × {args.steps} steps; {_machine()})",
+        f"{args.repeats} repeats × {args.steps} steps, blocks interleaved; {_machine()})",
         "",
-        f"Bare step: {bare_step * 1e6:.0f} µs.",
+        f"Bare step: {bare_step * 1e6:.0f} µs. Added time is the median over repeats of the "
+        "configuration's block mean minus the bare block mean of the same repeat.",
         "",
-        "| configuration | added per step (median) | × clip_grad_norm_'s | aten ops added "
-        f"({args.layers} layers) | aten ops added (65 layers) |",
-        "|---|---:|---:|---:|---:|",
+        "| configuration | added per step (median) | × clip_grad_norm_'s | aten ops added, CPU "
+        f"({args.layers} layers) | on an accelerator ({args.layers} layers) | on an "
+        "accelerator (65 layers) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for runner in runners[1:]:
         added = statistics.median(runner.added)
         ratio = added / ref_added if ref_added > 0 else float("nan")
-        ops = ops_per_step(runner) - bare_ops
+        name = runner.config.name
         lines.append(
-            f"| {runner.config.label} | {added * 1e6:.0f} µs | {ratio:.2f}× | {ops} | "
-            f"{deep_ops[runner.config.name]} |"
+            f"| {runner.config.label} | {added * 1e6:.0f} µs | {ratio:.2f}× | {cpu_ops[name]} | "
+            f"{device_ops[name]} | {deep_device_ops[name]} |"
         )
     for runner in runners:
         runner.teardown()

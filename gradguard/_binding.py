@@ -48,7 +48,16 @@ class Binding:
     track_updates: bool
     depth: DepthRecorder | None
     on_meta: bool
+    _names: tuple[str, ...] | None = None
     handles: list[RemovableHandle] = field(default_factory=list)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The layer names in depth order, as a tuple (made once per layout order: every
+        step packet carries it)."""
+        if self._names is None:
+            self._names = tuple(self.layout.names)
+        return self._names
 
     @classmethod
     def create(
@@ -120,6 +129,7 @@ class Binding:
 
     def relayout(self, config: GuardConfig) -> None:
         """The layout was reordered in place: rebuild what indexes layers by position."""
+        self._names = None
         self.computer = GradNormComputer(self.layout, self.model)
         self.pipeline = StepPipeline(config, self.layout, self.computer, self.optimizer)
         if config.clip is not None:
@@ -143,7 +153,7 @@ class Binding:
         """``(changed, moved)``: the trainable parameters changed, or moved device."""
         if self.on_meta:
             self._check_materialised()
-        moved = local_tensor(self.layout.params[0]).device != self.device
+        moved = self.layout.params[0].device != self.device
         return self.watched.changed(), moved
 
     def rebuilt(

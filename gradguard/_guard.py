@@ -94,6 +94,16 @@ class GradGuard(GuardReadout):
         self._announcer = Announcer(config, self.sinks)
         self._keys = MetricKeys(config.prefix)
         self._nonfinite = NonfiniteDetector()
+        self._detectors: list[Detector] = [self._nonfinite]
+        if config.on_spike != "ignore":
+            self._detectors.append(config.spike)
+        self._detectors += config.detectors
+        if config.activations is not None:
+            self._detectors.append(config.activations)
+        # Detectors that look at every step (the base class's on_step finds nothing).
+        self._step_detectors = [
+            d for d in self._detectors if type(d).on_step is not Detector.on_step
+        ]
         self._step = 0
         self._skipped_steps = 0
         self._nonfinite_steps = 0
@@ -112,13 +122,8 @@ class GradGuard(GuardReadout):
         self._mirror = HostMirror(self._on_packet)
 
     def _all_detectors(self) -> list[Detector]:
-        found: list[Detector] = [self._nonfinite]
-        if self.config.on_spike != "ignore":
-            found.append(self.config.spike)
-        found += self.config.detectors
-        if self.config.activations is not None:
-            found.append(self.config.activations)
-        return found
+        """Every detector the guard runs, built-in ones first (fixed at construction)."""
+        return self._detectors
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> GradGuard:
@@ -269,7 +274,7 @@ class GradGuard(GuardReadout):
             finding = Finding("nonfinite", alarm.layers, math.nan, str(alarm), "", "error")
             self._announce(finding, step, warn=False)
             raise
-        note = (out.spec, out.decision.skip, out.norms.present_host, tuple(binding.layout.names))
+        note = (out.spec, out.decision.skip, out.norms.present_host, binding.names, out.host_values)
         self._mirror.push(step, out.packet, note)
         if step % self.config.log_every_n_steps == 0:
             snapshot = snapshot_params(binding.layout) if binding.track_updates else None
@@ -333,9 +338,11 @@ class GradGuard(GuardReadout):
 
     # ------------------------------------------------------------------ the host side
     def _on_packet(self, step: int, values: list[float], note: Any) -> None:
-        spec, host_skip, present, layers = note
+        spec, host_skip, present, layers, host_values = note
         assert isinstance(spec, PacketSpec)
         total, layer_norms, extras = spec.unpack(values)
+        if host_values:
+            extras.update(host_values)
         overflow = extras.get(SCALER_OVERFLOW, 0.0) > 0
         nonfinite = not math.isfinite(total) and not overflow
         skipped = host_skip if host_skip is not None else extras.get(SKIP, 0.0) > 0.5
@@ -344,9 +351,9 @@ class GradGuard(GuardReadout):
         coef = extras.get(CLIP_COEF)
         self._clipped_steps += coef is not None and coef < 1.0
         stats = StepStats(
-            step, tuple(layers), total, tuple(layer_norms), present, nonfinite, skipped, extras
+            step, layers, total, tuple(layer_norms), present, nonfinite, skipped, extras
         )
-        for detector in self._all_detectors():
+        for detector in self._step_detectors:
             for finding in detector.on_step(stats):
                 self._announce(finding, step)
 

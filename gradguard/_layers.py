@@ -133,14 +133,18 @@ class WatchedSet:
         watched = {id(p) for p in layout.params}
         owned = {id(p) for p in model.parameters()}
         self._optimizer = optimizer
-        self._signature = self._groups_signature()
+        self._lengths = [len(g["params"]) for g in optimizer.param_groups]
         self.idle = [p for p in _held(optimizer) if id(p) not in watched and id(p) in owned]
         self.unowned = sum(1 for p in _held(optimizer) if id(p) not in owned)
 
-    def _groups_signature(self) -> tuple[int, ...]:
-        return tuple(len(g["params"]) for g in self._optimizer.param_groups)
-
     def changed(self) -> bool:
-        if self._groups_signature() != self._signature:
+        groups = self._optimizer.param_groups
+        if len(groups) != len(self._lengths):
             return True
-        return any(p.grad is not None for p in self.idle)
+        for group, length in zip(groups, self._lengths):
+            if len(group["params"]) != length:
+                return True
+        for param in self.idle:  # noqa: SIM110 - a plain loop: this runs every step
+            if param.grad is not None:
+                return True
+        return False

@@ -60,8 +60,8 @@ class GradNorms:
     head: torch.Tensor
     present: torch.Tensor
     present_host: tuple[bool, ...]
-    grads: list[torch.Tensor]
-    grad_layer: list[int]
+    grads: Sequence[torch.Tensor]
+    grad_layer: Sequence[int]
 
     @property
     def total(self) -> torch.Tensor:
@@ -292,6 +292,10 @@ class GradNormComputer:
         self._present_mask = torch.zeros(layout.num_layers, dtype=torch.bool, device=self.device)
         self._order: list[int] = []
         self._grad_layer: list[int] = []
+        self._acc = accumulation_dtype(self.device)
+        # The common case, planned once: one dense group, nothing to reduce, every parameter
+        # present in layout order. Then a step is the foreach norm and five small kernels.
+        self._fast: tuple[torch.Tensor, torch.Tensor, torch.dtype | None] | None = None
         self._fsdp1 = fsdp1_shard_groups(model) if model is not None else {}
         # How each parameter (and a tensor shaped like its local part) is summed across ranks.
         self._param_reductions = [
@@ -339,14 +343,38 @@ class GradNormComputer:
         self._order = [m for group in self._groups for m in group.members]
         self._grad_layer = [layout.param_layer[i] for i in self._order]
         self._cache_key = key
+        self._fast = None
+        if (
+            len(groups) == 1
+            and not self._sums
+            and not groups[0].sparse
+            and groups[0].weight is None
+            and self._order == list(range(len(key)))
+            and not any(is_dtensor(grads[i]) for i in present)
+            and grads[present[0]].device == self.device  # type: ignore[union-attr]
+        ):
+            dtype = grads[present[0]].dtype  # type: ignore[union-attr]
+            zeros = torch.zeros(layout.num_layers + 1, device=self.device, dtype=self._acc)
+            out_dtype = torch.float32 if dtype in _LOW_PRECISION else None
+            self._fast = (zeros, groups[0].index, out_dtype)
 
     def compute(
         self, grads: Sequence[torch.Tensor | None], grad_scale: torch.Tensor | None = None
     ) -> GradNorms:
         """The norms of ``grads`` (aligned with ``layout.params``; None: no gradient)."""
-        key = tuple(g is not None for g in grads)
+        key = tuple([g is not None for g in grads])
         if key != self._cache_key:
             self._plan(grads, key)
+        if self._fast is not None:
+            zeros, index, out_dtype = self._fast
+            dense: list[torch.Tensor] = grads  # type: ignore[assignment]
+            norms = torch._foreach_norm(dense, 2, dtype=out_dtype)
+            # Each norm twice: once into the total's slot 0, once into its layer's slot.
+            squares = torch.stack([*norms, *norms]).to(self._acc).square()
+            head = zeros.index_add(0, index, squares).sqrt()
+            if grad_scale is not None:
+                head = head / grad_scale.to(self.device, head.dtype)
+            return GradNorms(head, self._present_mask, self._present_host, dense, self._grad_layer)
         locals_ = [local_tensor(g) if g is not None else g for g in grads]
         # Which layers have a gradient, summed over ranks in the same collective: FSDP1 ranks
         # hold gradients of different layers, and "present" must read alike on every rank.
@@ -364,7 +392,7 @@ class GradNormComputer:
             head = head / grad_scale.to(self.device, head.dtype)
         present = self._present_mask if holders is None else holders > 0
         ordered = [grads[i] for i in self._order]
-        return GradNorms(head, present, self._present_host, ordered, list(self._grad_layer))  # type: ignore[arg-type]
+        return GradNorms(head, present, self._present_host, ordered, self._grad_layer)  # type: ignore[arg-type]
 
     def layer_norms(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-layer L2 norms of tensors placed like the parameters, one per parameter in

@@ -62,7 +62,7 @@ class HostMirror:
         self._free: list[torch.Tensor] = []
 
     def push(self, step: int, packet: torch.Tensor, note: Any = None) -> None:
-        if packet.device.type == "cpu":
+        if packet.is_cpu:
             # On the CPU the "copy" is immediate; .tolist() never syncs an accelerator.
             self._on_ready(step, packet.tolist(), note)
             return

@@ -70,9 +70,13 @@ def collect(
         offset += flat.numel()
 
     add("head", log.norms.head)
+    floats: dict[str, float] = dict(host_scalars)
     if log.clip is not None:
-        add(CLIP_THRESHOLD, log.clip.threshold)
-        add(CLIP_COEF, log.clip.coef)
+        for name, value in ((CLIP_THRESHOLD, log.clip.threshold), (CLIP_COEF, log.clip.coef)):
+            if isinstance(value, torch.Tensor):
+                add(name, value)
+            else:
+                floats[name] = value
     # Sharded parameters (FSDP, DTensor) are summed across ranks: one collective each.
     params = [local_tensor(p) for p in layout.params]
     param_norm = computer.layer_norms(params)
@@ -80,7 +84,6 @@ def collect(
     if log.snapshot is not None:
         update = computer.layer_norms(list(torch._foreach_sub(params, log.snapshot)))
         add(UPDATE_RATIO, update / param_norm.clamp_min(1e-12))
-    floats: dict[str, float] = dict(host_scalars)
     for metrics in device_metrics:
         for name, value in metrics.items():
             if isinstance(value, torch.Tensor):
@@ -110,10 +113,10 @@ def collect(
                 per_layer[name] = tuple(None if math.isnan(v) else v for v in data)
         elif len(data) == 1:
             scalars[name] = data[0]
-    if CLIP_THRESHOLD in scalars and math.isnan(scalars[CLIP_THRESHOLD]):
+    scalars.update(floats)
+    if CLIP_THRESHOLD in scalars and not math.isfinite(scalars[CLIP_THRESHOLD]):
         # No single norm limit in force (warm-up, value or unit-wise clips): say nothing.
         del scalars[CLIP_THRESHOLD]
-    scalars.update(floats)
     return LoggedStats(
         step=log.step,
         sink_step=log.sink_step,

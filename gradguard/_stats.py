@@ -55,7 +55,7 @@ SCALAR_METRICS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepStats:
     """One optimizer step, on the host.
 
@@ -64,7 +64,8 @@ class StepStats:
     total is NaN/Inf and the step was not a ``GradScaler`` overflow (those belong to the
     scaler). ``values`` holds what else the pipeline measured on the device this step, by
     name: ``clip/threshold``, ``clip/coef``, ``spike/zscore``, and ``loss`` when the training
-    loss was handed over (``guard.observe_loss``).
+    loss was handed over (``guard.observe_loss``). Made anew every step (a plain slotted
+    dataclass: cheap to build); treat it as read-only.
     """
 
     step: int

@@ -30,7 +30,8 @@ from ._norms import GradNormComputer, GradNorms
 from ._packet import PacketSpec
 from ._policy import FoundInfPatch, StepDecision, fused, fused_skip_is_safe
 from ._stats import CLIP_COEF, CLIP_THRESHOLD
-from .clip.base import ClipContext, ClipResult
+from .clip import base as clip_base
+from .clip.base import ClipContext, ClipResult, HostNorms
 from .detect.spike import FLAG, RUNNING, ZSCORE
 from .report.advice import nonfinite_text
 
@@ -51,6 +52,7 @@ class StepOutput:
     decision: StepDecision
     norms: GradNorms
     clip: ClipResult | None
+    host_values: dict[str, float]  # what the host already knows (host bookkeeping on CPU)
 
 
 class StepPipeline:
@@ -72,6 +74,14 @@ class StepPipeline:
         self._skip_on = config.on_nonfinite == "skip" or config.on_spike == "skip"
         self._decide_now = config.on_nonfinite == "raise"
         self._spike_on_device = config.on_spike == "skip"
+        # A CPU device has no host-device boundary: strategies with host bookkeeping read
+        # the norms directly (see clip.base.HOST_BOOKKEEPING_ON_CPU).
+        self._host_clip = (
+            config.clip is not None
+            and config.clip.host_bookkeeping
+            and self.device.type == "cpu"
+            and clip_base.HOST_BOOKKEEPING_ON_CPU
+        )
         self._specs: dict[tuple[bool, bool, bool], PacketSpec] = {}
 
     def spec(self, scaler: bool, host_decides: bool, loss: bool = False) -> PacketSpec:
@@ -79,7 +89,7 @@ class StepPipeline:
         key = (scaler, host_decides, loss)
         if key not in self._specs:
             extras: list[str] = []
-            if self.config.clip is not None:
+            if self.config.clip is not None and not self._host_clip:
                 extras += [CLIP_THRESHOLD, CLIP_COEF]
             if self._spike_on_device:
                 extras += [ZSCORE, FLAG, RUNNING]
@@ -92,7 +102,6 @@ class StepPipeline:
             self._specs[key] = PacketSpec(self.layout.num_layers, extras)
         return self._specs[key]
 
-    @torch.no_grad()
     def run(
         self,
         step: int,
@@ -102,6 +111,20 @@ class StepPipeline:
         loss: torch.Tensor | None = None,
     ) -> StepOutput:
         """One step's device work (no autograd: nothing here is ever differentiated)."""
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # the cheap form of torch.no_grad() (every step)
+        try:
+            return self._run(step, found_inf, apply_skip, loss)
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
+
+    def _run(
+        self,
+        step: int,
+        found_inf: torch.Tensor | None,
+        apply_skip: bool,
+        loss: torch.Tensor | None,
+    ) -> StepOutput:
         optimizer, config = self.optimizer, self.config
         is_fused = fused(optimizer)
         grad_scale = getattr(optimizer, "grad_scale", None) if is_fused else None
@@ -158,11 +181,22 @@ class StepPipeline:
 
         # 3. clip
         clip_result = None
+        host_values: dict[str, float] = {}
         if config.clip is not None:
-            context = ClipContext(norms, self.layout, self.device, grad_scale)
+            host = None
+            if self._host_clip:
+                values = norms.head.tolist()  # a CPU tensor: a read, not a device sync
+                host = HostNorms(values[0], values[1:], norms.present_host)
+            context = ClipContext(norms, self.layout, self.device, grad_scale, host)
             clip_result = config.clip.clip_(context)
-            extras[CLIP_THRESHOLD] = clip_result.threshold
-            extras[CLIP_COEF] = clip_result.coef
+            for name, value in (
+                (CLIP_THRESHOLD, clip_result.threshold),
+                (CLIP_COEF, clip_result.coef),
+            ):
+                if isinstance(value, torch.Tensor):
+                    extras[name] = value
+                else:
+                    host_values[name] = value
 
         # 4. decide
         if skip:
@@ -178,7 +212,7 @@ class StepPipeline:
         spec = self.spec(found_inf is not None, host_decides, loss is not None)
         packet = spec.pack(norms.head, extras)
         decision = StepDecision(step, skip, skip_flag.float() if skip_flag is not None else None)
-        return StepOutput(packet, spec, decision, norms, clip_result)
+        return StepOutput(packet, spec, decision, norms, clip_result, host_values)
 
     def _raise_nonfinite(self, step: int, norms: GradNorms) -> None:
         layout = self.layout

@@ -11,7 +11,7 @@ import torch
 from .._dist import distributed, local_tensor, shard_dims
 from .._errors import ConfigurationError, check_number
 from .._layers import LayerLayout
-from .base import ClipContext, ClipResult, ClipStrategy, nan_scalar, stacked_norms
+from .base import ClipContext, ClipResult, ClipStrategy, stacked_norms
 
 __all__ = ["AGC"]
 
@@ -67,6 +67,9 @@ class AGC(ClipStrategy):
 
     def bind(self, layout: LayerLayout, device: torch.device) -> None:
         super().bind(layout, device)
+        # No single norm limit (NaN), and "not clipped": made once, not every step.
+        self._nan = torch.full((), math.nan, device=device)
+        self._one = torch.ones((), device=device)
         self._skip = set()
         for name in self.exclude:
             matched = [
@@ -107,13 +110,16 @@ class AGC(ClipStrategy):
             before.append(torch.linalg.vector_norm(kept_norms))
             after.append(before[-1])
         if not before:
-            return ClipResult(nan_scalar(ctx.device), ctx.full(1.0))
-        before_total = torch.linalg.vector_norm(torch.stack([b.to(ctx.device) for b in before]))
-        after_total = torch.linalg.vector_norm(torch.stack([a.to(ctx.device) for a in after]))
+            return ClipResult(self._nan, self._one)
+        if len(before) == 1:
+            before_total, after_total = before[0], after[0]
+        else:
+            before_total = torch.linalg.vector_norm(torch.stack([b.to(ctx.device) for b in before]))
+            after_total = torch.linalg.vector_norm(torch.stack([a.to(ctx.device) for a in after]))
         # The same kernels measure both sides: when no unit was clipped the ratio is exactly 1.
-        ratio = after_total / before_total.clamp_min(torch.finfo(torch.float32).tiny)
-        coef = torch.where(before_total < math.inf, ratio.clamp(max=1.0), 1.0)
-        return ClipResult(nan_scalar(ctx.device), coef)
+        # 0/0 (an all-zero gradient) and Inf/Inf read as "not clipped".
+        coef = (after_total / before_total).nan_to_num(nan=1.0).clamp(max=1.0)
+        return ClipResult(self._nan, coef)
 
     def _buckets(
         self, ctx: ClipContext
@@ -164,12 +170,10 @@ class AGC(ClipStrategy):
         if vectors:  # biases and other vectors: one unit each, one foreach pass
             vector_grads = [g for g, _ in vectors]
             grads += vector_grads
-            buckets.append(
-                (
-                    torch.stack(torch._foreach_norm(vector_grads)),
-                    torch.stack(torch._foreach_norm([w for _, w in vectors])),
-                )
-            )
+            # Gradients and weights in one foreach pass, then cut in two.
+            both = torch.stack(torch._foreach_norm(vector_grads + [w for _, w in vectors]))
+            grad_part, weight_part = torch.split(both, len(vectors))
+            buckets.append((grad_part, weight_part))
             self._split_sizes.append(None)
         for members in stacks.values():
             # timm's unitwise_norm: over every dimension but the first, in the param's dtype.

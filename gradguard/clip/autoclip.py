@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any
 
@@ -9,7 +10,18 @@ import torch
 
 from .._errors import ConfigurationError, check_bool, check_number, check_positive_int
 from .._layers import LayerLayout
-from .base import ClipContext, ClipResult, ClipStrategy, clip_coef, nan_scalar, total_coef
+from . import base
+from .base import (
+    ClipContext,
+    ClipResult,
+    ClipStrategy,
+    clip_coef,
+    f32,
+    host_coef,
+    host_total_coef,
+    nan_scalar,
+    total_coef,
+)
 
 __all__ = ["AutoClip"]
 
@@ -33,10 +45,14 @@ class AutoClip(ClipStrategy):
     layer that joins later (unfrozen during training) starts a history of its own; the
     others keep theirs.
 
-    Cost: the history is a ring buffer on the device, kept sorted by an O(history)
-    insert/remove per step (no sort, no host sync): 2 x ``history`` floats, per layer with
-    ``per_layer=True`` (80 KB per layer with the default).
+    Cost: on an accelerator the history is a ring buffer on the device, kept sorted by an
+    O(history) insert/remove per step (two binary searches and one gather; no sort, no
+    host sync): 2 x ``history`` floats, per
+    layer with ``per_layer=True`` (80 KB per layer with the default). On a CPU device it is
+    kept in host memory (a binary search and one list insertion per step).
     """
+
+    host_bookkeeping = True
 
     def __init__(
         self, percentile: float = 10.0, history: int = 10_000, *, per_layer: bool = False
@@ -56,11 +72,21 @@ class AutoClip(ClipStrategy):
         shape = (rows, self.history)
         self._rows = rows
         self._steps = 0  # steps seen, on the host: step t writes slot t % history
-        # Ring of the last ``history`` steps' norms, and the same values sorted; NaN = none.
-        self._ring = torch.full(shape, float("nan"), device=device, dtype=torch.float32)
-        self._sorted = self._ring.clone()
-        self._filled = torch.zeros(rows, device=device, dtype=torch.long)
-        self._slots = torch.arange(self.history, device=device)
+        # Host bookkeeping (CPU devices): the same ring (NaN = no norm) and its finite values
+        # sorted, as Python lists.
+        self._on_host = device.type == "cpu" and base.HOST_BOOKKEEPING_ON_CPU
+        self._host_ring = [[math.nan] * self.history for _ in range(rows)]
+        self._host_sorted: list[list[float]] = [[] for _ in range(rows)]
+        if self._on_host:
+            shape = (rows, 0)  # the device copies are not used
+        # Ring of the last ``history`` steps' norms, and the same values sorted; +inf = none
+        # (a non-finite norm never enters), so the padding sorts last. The state dict says
+        # NaN for none.
+        # The ring is kept slot-major ([history, rows]): one step's slot is contiguous.
+        self._ring = torch.full(shape[::-1], math.inf, device=device, dtype=torch.float32)
+        self._sorted = torch.full(shape, math.inf, device=device, dtype=torch.float32)
+        self._slots = torch.arange(self.history, device=device).expand(rows, self.history)
+        self._inf_column = torch.full((rows, 1), math.inf, device=device)
 
     def bind(self, layout: LayerLayout, device: torch.device) -> None:
         # Bound again (re-attach, the watched layers changed or moved): keep the history,
@@ -76,6 +102,8 @@ class AutoClip(ClipStrategy):
             self._load(pending, remap=True)
 
     def clip_(self, ctx: ClipContext) -> ClipResult:
+        if self._on_host and ctx.host is not None:
+            return self._clip_host(ctx)
         if self.per_layer:
             norms = ctx.norms.layer.float()
             enters = (norms < math.inf) & ctx.norms.present  # False for NaN and Inf
@@ -92,32 +120,71 @@ class AutoClip(ClipStrategy):
         ctx.scale_all_(coef)
         return ClipResult(thresholds[0], coef)
 
+    def _clip_host(self, ctx: ClipContext) -> ClipResult:
+        host = ctx.host
+        assert host is not None
+        # In float32, as the device path compares them.
+        if self.per_layer:
+            norms = [f32(n) for n in host.layer]
+            enters = [math.isfinite(n) and p for n, p in zip(norms, host.present)]
+        else:
+            norms = [f32(host.total)]
+            enters = [math.isfinite(norms[0])]
+        thresholds = [self._record_host(row, n, e) for row, (n, e) in enumerate(zip(norms, enters))]
+        self._steps += 1
+        if self.per_layer:
+            coefs = [host_coef(n, t) for n, t in zip(norms, thresholds)]
+            ctx.scale_layers_(coefs)
+            return ClipResult(math.nan, host_total_coef(norms, coefs), thresholds)
+        coef = host_coef(norms[0], thresholds[0])
+        ctx.scale_all_(coef)
+        return ClipResult(thresholds[0], coef)
+
+    def _record_host(self, row: int, norm: float, enters: bool) -> float:
+        """One row's step on the host: the oldest norm out, the new one in, the percentile."""
+        ring, ordered = self._host_ring[row], self._host_sorted[row]
+        position = self._steps % self.history
+        oldest = ring[position]
+        if not math.isnan(oldest):
+            del ordered[bisect.bisect_left(ordered, oldest)]
+        ring[position] = norm if enters else math.nan
+        if enters:
+            bisect.insort(ordered, norm)
+        return _host_percentile(ordered, self.percentile / 100.0)
+
     def _record(self, norms: torch.Tensor, enters: torch.Tensor) -> torch.Tensor:
-        """Add ``norms`` ([rows]) where ``enters``; return each row's percentile."""
+        """Add ``norms`` ([rows]) where ``enters``; return each row's percentile.
+
+        The sorted copy holds +inf for "no norm", so every step is one removal (the slot
+        being overwritten, maybe +inf) and one insertion (the new norm, or +inf): binary
+        searches find both places and one gather shifts what lies between them. No sort,
+        no host sync, 8 kernels over the history.
+        """
         size, slots, ordered = self.history, self._slots, self._sorted
         position = self._steps % size
-        gap = torch.full_like(ordered[:, :1], float("nan"))
-        filled = self._filled
-        if self._steps >= size:
-            # The slot about to be overwritten leaves the sorted copy: shift left past it
-            # (an index of ``size`` means "no change": the slot held no norm).
-            oldest = self._ring[:, position : position + 1]
-            held = ~torch.isnan(oldest)
-            at = torch.where(held, (ordered < oldest).sum(1, keepdim=True), size)
-            ordered = torch.where(slots >= at, torch.cat([ordered[:, 1:], gap], 1), ordered)
-            filled = filled - held.squeeze(1).long()
-        value = torch.where(enters, norms, float("nan")).unsqueeze(1)
-        self._ring[:, position : position + 1] = value
-        # Insert the new norm where it belongs: shift right past it (the last slot is free).
-        at = torch.where(enters.unsqueeze(1), (ordered < value).sum(1, keepdim=True), size)
-        shifted = torch.cat([gap, ordered[:, :-1]], 1)
-        self._sorted = torch.where(slots < at, ordered, torch.where(slots == at, value, shifted))
-        self._filled = filled + enters.long()
+        value = torch.where(enters, norms, math.inf).unsqueeze(1)
+        removed = torch.searchsorted(ordered, self._ring[position].unsqueeze(1))
+        self._ring[position] = value.squeeze(1)
+        inserted = torch.searchsorted(ordered, value)
+        # Where the new value lands once the old one is out, and where each slot reads from.
+        lands = inserted - (inserted > removed).long()
+        source = slots - (slots > lands).long()
+        source = (source + (source >= removed).long()).clamp_(max=size - 1)
+        self._sorted = torch.where(slots == lands, value, ordered.gather(1, source))
         self._steps += 1
-        return _percentile(self._sorted, self._filled, self.percentile / 100.0)
+        return _percentile(self._sorted, self._filled_of(self._sorted), self.percentile / 100.0)
+
+    def _filled_of(self, ordered: torch.Tensor) -> torch.Tensor:
+        """How many finite norms each row holds (the +inf padding sorts last)."""
+        return torch.searchsorted(ordered, self._inf_column).squeeze(1)
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"steps": self._steps, "ring": self._ring.cpu()}
+        if self._on_host:
+            ring = torch.tensor(self._host_ring, dtype=torch.float32)
+        else:
+            ring = self._ring.t().cpu()
+            ring = ring.masked_fill(ring == math.inf, math.nan)
+        state: dict[str, Any] = {"steps": self._steps, "ring": ring}
         if self.per_layer and self.layout is not None:
             state["layers"] = list(self._names)
         return state
@@ -159,9 +226,28 @@ class AutoClip(ClipStrategy):
         if ring.shape[0] != self._rows:
             return
         self._steps = int(state["steps"])
-        self._ring = ring.to(self.device)
-        self._sorted = self._ring.sort(dim=1).values  # NaN sorts last, as kept on the fly
-        self._filled = (~torch.isnan(self._ring)).sum(1)
+        if self._on_host:
+            self._host_ring = ring.tolist()
+            self._host_sorted = [
+                sorted(v for v in row if not math.isnan(v)) for row in self._host_ring
+            ]
+            return
+        ring = torch.nan_to_num(ring, nan=math.inf).to(self.device)
+        self._ring = ring.t().contiguous()
+        self._sorted = ring.sort(dim=1).values
+
+
+def _host_percentile(ordered: list[float], quantile: float) -> float:
+    """``numpy.percentile`` (linear) of sorted host floats, computed as the device path does
+    (in float32); NaN if there are none."""
+    if not ordered:
+        return math.nan
+    last = len(ordered) - 1
+    rank = last * quantile
+    low = int(rank)
+    high = min(low + 1, last)
+    frac = f32(rank - low)
+    return f32(ordered[low] + frac * (ordered[high] - ordered[low]))
 
 
 def _percentile(ordered: torch.Tensor, filled: torch.Tensor, quantile: float) -> torch.Tensor:

@@ -20,6 +20,7 @@ pipeline already has: it gets them in a :class:`ClipContext`. To write your own:
 from __future__ import annotations
 
 import math
+import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,25 @@ __all__ = ["ClipContext", "ClipResult", "ClipStrategy", "clip_coef", "total_coef
 
 # Added to the norm in the denominator of the scale, as torch's clip_grad_norm_ does.
 EPS = 1e-6
+
+# On a CPU device there is no host-device boundary to protect: a strategy whose rule is
+# scalar bookkeeping (a threshold from a history, an EMA) runs it on the host there, in a
+# few Python float operations instead of tens of tiny kernels; on accelerators it stays
+# on the device so that no step syncs. Both give the same numbers (float32 history, the
+# same formulas; tests run each strategy both ways). Tests flip this to run the device
+# path on CPU.
+HOST_BOOKKEEPING_ON_CPU = True
+
+Number = float | torch.Tensor
+
+
+@dataclass
+class HostNorms:
+    """The step's norms as host floats (CPU devices only: reading them costs nothing)."""
+
+    total: float
+    layer: list[float]
+    present: tuple[bool, ...]
 
 
 @dataclass
@@ -52,6 +72,7 @@ class ClipContext:
     layout: LayerLayout
     device: torch.device
     grad_scale: torch.Tensor | None = None
+    host: HostNorms | None = None
 
     @property
     def total(self) -> torch.Tensor:
@@ -66,19 +87,30 @@ class ClipContext:
         """The gradients (local shards of DTensors), in the order of ``norms.grad_layer``."""
         return [local_tensor(g) for g in self.norms.grads]
 
-    def scale_all_(self, coef: torch.Tensor) -> None:
-        """Multiply every gradient by the 0-d tensor ``coef`` (no host sync)."""
+    def scale_all_(self, coef: Number) -> None:
+        """Multiply every gradient by ``coef``: a 0-d device tensor (no host sync), or a host
+        float (host bookkeeping: nothing happens when it is 1)."""
+        if isinstance(coef, float) and coef == 1.0:
+            return
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for grad in self.local_grads():
             by_device.setdefault(grad.device, []).append(grad)
         for device, grads in by_device.items():
-            torch._foreach_mul_(grads, coef if coef.device == device else coef.to(device))
+            if isinstance(coef, torch.Tensor) and coef.device != device:
+                torch._foreach_mul_(grads, coef.to(device))
+            else:
+                torch._foreach_mul_(grads, coef)
 
-    def scale_layers_(self, layer_coef: torch.Tensor) -> None:
+    def scale_layers_(self, layer_coef: torch.Tensor | list[float]) -> None:
         """Multiply each layer's gradients by its entry of ``layer_coef`` ([num_layers])."""
+        grads = self.local_grads()
+        if isinstance(layer_coef, list):
+            if all(c == 1.0 for c in layer_coef):
+                return
+            torch._foreach_mul_(grads, [layer_coef[layer] for layer in self.norms.grad_layer])
+            return
         # unbind gives views: no index tensor is built and nothing crosses to the host.
         per_layer = layer_coef.unbind(0)
-        grads = self.local_grads()
         coefs = [
             per_layer[layer].to(g.device, g.dtype) for layer, g in zip(self.norms.grad_layer, grads)
         ]
@@ -87,7 +119,7 @@ class ClipContext:
 
 @dataclass
 class ClipResult:
-    """What a strategy did, as 0-d float32 device tensors.
+    """What a strategy did: 0-d float32 device tensors, or host floats (host bookkeeping).
 
     ``threshold`` is the norm limit in force (NaN where no single one applies), ``coef``
     the factor by which the total norm shrank (in (0, 1]; exactly 1 when nothing was
@@ -95,9 +127,9 @@ class ClipResult:
     ([num_layers]), else ``None``.
     """
 
-    threshold: torch.Tensor
-    coef: torch.Tensor
-    layer_threshold: torch.Tensor | None = None
+    threshold: Number
+    coef: Number
+    layer_threshold: torch.Tensor | list[float] | None = None
 
 
 class ClipStrategy(OwnedByOneGuard, ABC):
@@ -123,9 +155,13 @@ class ClipStrategy(OwnedByOneGuard, ABC):
         self.layout = layout
         self.device = device
 
+    # Whether the strategy has a host path (used when ``ctx.host`` is given, on CPU).
+    host_bookkeeping: bool = False
+
     @abstractmethod
     def clip_(self, ctx: ClipContext) -> ClipResult:
-        """Clip the gradients in place; update the strategy's own state on the device."""
+        """Clip the gradients in place; update the strategy's own state (on the device,
+        or on the host when ``ctx.host`` is given and the strategy has a host path)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -166,6 +202,33 @@ def total_coef(layer_norms: torch.Tensor, layer_coef: torch.Tensor) -> torch.Ten
     ratio = (after / before.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
     # Exactly 1 when no layer was scaled, whatever the rounding of the two norms.
     return torch.where((layer_coef < 1.0).any(), ratio, 1.0).float()
+
+
+def host_coef(norm: float, threshold: float) -> float:
+    """``clip_coef`` on host floats (the same formula and the same exceptions)."""
+    if norm > threshold and math.isfinite(norm):
+        return threshold / (norm + EPS)
+    return 1.0
+
+
+def host_total_coef(layer_norms: list[float], layer_coef: list[float]) -> float:
+    """``total_coef`` on host floats."""
+    if all(c == 1.0 for c in layer_coef):
+        return 1.0
+    finite = [(n, c) for n, c in zip(layer_norms, layer_coef) if math.isfinite(n)]
+    before = math.sqrt(sum(n * n for n, _ in finite))
+    after = math.sqrt(sum((n * c) ** 2 for n, c in finite))
+    return min(after / max(before, torch.finfo(torch.float32).tiny), 1.0)
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def f32(value: float) -> float:
+    """``value`` rounded to float32, as the device path stores it."""
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        return value if not math.isfinite(value) else math.copysign(math.inf, value)
+    return float(struct.unpack("f", struct.pack("f", value))[0])
 
 
 def nan_scalar(device: torch.device) -> torch.Tensor:

@@ -9,7 +9,16 @@ import torch
 
 from .._errors import check_bool, check_number
 from .._layers import LayerLayout
-from .base import ClipContext, ClipResult, ClipStrategy, clip_coef, nan_scalar, stacked_norms
+from .base import (
+    ClipContext,
+    ClipResult,
+    ClipStrategy,
+    clip_coef,
+    host_coef,
+    host_total_coef,
+    nan_scalar,
+    stacked_norms,
+)
 from .base import total_coef as _total_coef
 
 __all__ = ["NormClip", "ValueClip"]
@@ -39,7 +48,20 @@ class NormClip(ClipStrategy):
         super().bind(layout, device)
         self._threshold = torch.full((), self.max_norm, device=device, dtype=torch.float32)
 
+    host_bookkeeping = True
+
     def clip_(self, ctx: ClipContext) -> ClipResult:
+        if ctx.host is not None:
+            limit = self.max_norm
+            if self.per_layer:
+                coefs = [host_coef(n, limit) for n in ctx.host.layer]
+                ctx.scale_layers_(coefs)
+                return ClipResult(
+                    limit, host_total_coef(ctx.host.layer, coefs), [limit] * len(coefs)
+                )
+            host_scale = host_coef(ctx.host.total, limit)
+            ctx.scale_all_(host_scale)
+            return ClipResult(limit, host_scale)
         threshold = self._threshold
         if self.per_layer:
             layer_coef = clip_coef(ctx.norms.layer, threshold)

@@ -9,7 +9,8 @@ import torch
 
 from .._errors import ConfigurationError, check_choice, check_number, check_positive_int
 from .._layers import LayerLayout
-from .base import ClipContext, ClipResult, ClipStrategy, clip_coef, nan_scalar
+from . import base
+from .base import ClipContext, ClipResult, ClipStrategy, clip_coef, f32, host_coef, nan_scalar
 
 __all__ = ["ZClip"]
 
@@ -40,6 +41,7 @@ class ZClip(ClipStrategy):
     """
 
     _EPS = 1e-6  # the package's eps in the z-score denominator
+    host_bookkeeping = True
 
     def __init__(
         self,
@@ -81,6 +83,11 @@ class ZClip(ClipStrategy):
         self._warmup = torch.full((self.warmup_steps,), float("nan"), device=device)
         self._mean = torch.zeros((), device=device, dtype=torch.float32)
         self._var = torch.zeros((), device=device, dtype=torch.float32)
+        # Host bookkeeping (CPU devices): the same statistics as float32-rounded floats.
+        self._on_host = device.type == "cpu" and base.HOST_BOOKKEEPING_ON_CPU
+        self._host_warmup = [math.nan] * self.warmup_steps
+        self._host_mean = 0.0
+        self._host_var = 0.0
 
     def bind(self, layout: LayerLayout, device: torch.device) -> None:
         # Keep the statistics across a re-bind (a state still on 'meta' holds nothing yet).
@@ -91,6 +98,8 @@ class ZClip(ClipStrategy):
             self.load_state_dict(state)
 
     def clip_(self, ctx: ClipContext) -> ClipResult:
+        if self._on_host and ctx.host is not None:
+            return self._clip_host(ctx, ctx.host.total)
         norm = ctx.total.float()
         finite = norm < math.inf  # False for NaN and Inf
         step, self._steps = self._steps, self._steps + 1
@@ -144,7 +153,66 @@ class ZClip(ClipStrategy):
         ctx.scale_all_(coef)
         return ClipResult(cap, coef)
 
+    def _clip_host(self, ctx: ClipContext, norm: float) -> ClipResult:
+        """The device path's rule on host floats (CPU devices), step for step."""
+        norm = f32(norm)  # in float32, as the device path compares it
+        finite = math.isfinite(norm)
+        step, self._steps = self._steps, self._steps + 1
+        cap = self.max_grad_norm
+        if step < self.warmup_steps:
+            self._host_warmup[step] = f32(norm) if finite else math.nan
+            if step == self.warmup_steps - 1:
+                seen = [v for v in self._host_warmup if not math.isnan(v)]
+                mean = f32(sum(seen) / len(seen)) if seen else math.nan
+                self._host_mean = mean
+                self._host_var = (
+                    f32(sum((v - mean) ** 2 for v in seen) / len(seen)) if seen else math.nan
+                )
+            if cap is None:
+                return ClipResult(math.nan, 1.0)
+            coef = host_coef(norm, cap)
+            ctx.scale_all_(coef)
+            return ClipResult(cap, coef)
+        mean, var = self._host_mean, self._host_var
+        std = math.sqrt(max(var, 0.0)) if not math.isnan(var) else math.nan
+        clip_value = math.nan
+        if self.mode == "percentile":
+            boundary = mean + self.z_threshold * std
+            outlier = norm > boundary
+            clip_value = boundary
+        else:
+            boundary = mean + self.z_threshold * (std + self._EPS)
+            zscore = (norm - mean) / (std + self._EPS)
+            outlier = zscore > self.z_threshold
+            if self.clip_option == "adaptive_scaling":
+                clip_value = mean + (self.z_threshold**2) * std / zscore if outlier else math.nan
+            else:
+                clip_value = mean
+        adaptive = finite and outlier
+        limit = clip_value if adaptive else math.nan
+        reported = clip_value if adaptive else boundary
+        if cap is not None:
+            limit = cap if math.isnan(limit) else min(limit, cap)
+            reported = min(reported, cap) if not math.isnan(reported) else reported
+        coef = host_coef(norm, limit)
+        ctx.scale_all_(coef)
+        if finite:
+            taken = clip_value if adaptive else norm
+            empty = math.isnan(mean)
+            a = 1.0 - self.alpha
+            new_mean = taken if empty else mean + a * (taken - mean)
+            new_var = 0.0 if empty else var + a * ((taken - new_mean) ** 2 - var)
+            self._host_mean, self._host_var = f32(new_mean), f32(new_var)
+        return ClipResult(f32(reported), coef)
+
     def state_dict(self) -> dict[str, Any]:
+        if self._on_host:
+            return {
+                "steps": self._steps,
+                "warmup": torch.tensor(self._host_warmup, dtype=torch.float32),
+                "mean": torch.tensor(self._host_mean, dtype=torch.float32),
+                "var": torch.tensor(self._host_var, dtype=torch.float32),
+            }
         return {
             "steps": self._steps,
             "warmup": self._warmup.cpu(),
@@ -165,6 +233,11 @@ class ZClip(ClipStrategy):
         warmup = torch.as_tensor(state["warmup"], dtype=torch.float32)
         device = self._warmup.device
         self._steps = int(state["steps"])
+        if self._on_host:
+            self._host_warmup = [float(v) for v in warmup.tolist()]
+            self._host_mean = float(torch.as_tensor(state["mean"], dtype=torch.float32).item())
+            self._host_var = float(torch.as_tensor(state["var"], dtype=torch.float32).item())
+            return
         self._warmup = warmup.to(device)
         self._mean = torch.as_tensor(state["mean"], dtype=torch.float32).to(device)
         self._var = torch.as_tensor(state["var"], dtype=torch.float32).to(device)

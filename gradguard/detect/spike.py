@@ -57,6 +57,8 @@ class SpikeDetector(Detector):
         # number of finite norms seen. On the host (floats) or, for skip, on the device.
         self._host: list[float] = [0.0, 0.0, 0.0]  # mean, var, weight
         self._device_state: torch.Tensor | None = None  # [mean, var, weight], float32
+        self._on_device = False
+        self._silent = False
         self.last_zscore = 0.0
 
     def __repr__(self) -> str:
@@ -68,11 +70,14 @@ class SpikeDetector(Detector):
     # ------------------------------------------------------------------ binding
     @property
     def on_device(self) -> bool:
-        return self.context is not None and self.context.on_spike == "skip"
+        """Whether the recurrence runs on the device (``on_spike="skip"``) or the host."""
+        return self._on_device
 
     def bind(self, context: GuardContext) -> None:
         state = self._state_floats()
         super().bind(context)
+        self._on_device = context.on_spike == "skip"
+        self._silent = context.on_spike == "ignore"
         self._device_state = None
         if self.on_device:
             self._device_state = torch.tensor(state, dtype=torch.float32).to(context.device)
@@ -82,6 +87,7 @@ class SpikeDetector(Detector):
     def unbind(self) -> None:
         self._host = self._state_floats()
         self._device_state = None
+        self._on_device = False
         super().unbind()
 
     # ------------------------------------------------------------------ the recurrence
@@ -137,14 +143,14 @@ class SpikeDetector(Detector):
         context = self.context
         if context is None:
             return []
-        if self.on_device:
+        if self._on_device:
             z = stats.values.get(ZSCORE, 0.0)
             spike = stats.values.get(FLAG, 0.0) > 0.5
             running = stats.values.get(RUNNING, 0.0)
         else:
             z, spike, running = self._update_host(stats.total, stats.step >= self.warmup_steps)
         self.last_zscore = z
-        if not spike or stats.nonfinite or context.on_spike == "ignore":
+        if not spike or stats.nonfinite or self._silent:
             return []
         coef = stats.values.get("clip/coef")
         message, advice = spike_text(

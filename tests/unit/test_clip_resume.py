@@ -92,7 +92,9 @@ CASES = [(name, True) for name in STRATEGIES] + [
 
 
 @pytest.mark.parametrize(("name", "load_before_attach"), CASES)
-def test_resume_continues_bit_identically(name: str, load_before_attach: bool) -> None:
+def test_resume_continues_bit_identically(
+    name: str, load_before_attach: bool, bookkeeping: str
+) -> None:
     data = batches()
     make = STRATEGIES[name]
 

@@ -86,8 +86,11 @@ def torch_clipped(
     return [c.grad for c in copies]
 
 
-@pytest.mark.parametrize("clip", [0.5, gg.NormClip(0.5)])
-def test_normclip_equals_clip_grad_norm(clip: object) -> None:
+@pytest.mark.parametrize(
+    "make_clip", [lambda: 0.5, lambda: gg.NormClip(0.5)], ids=["float", "NormClip"]
+)
+def test_normclip_equals_clip_grad_norm(make_clip: Callable[[], object], bookkeeping: str) -> None:
+    clip = make_clip()
     ours, ref = make_model(), make_model()
     opt_ours = torch.optim.Adam(ours.parameters(), lr=1e-2)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
@@ -120,7 +123,7 @@ def clip_each_layer(model: nn.Module, params: list[torch.Tensor], max_norm: floa
             start += count
 
 
-def test_normclip_per_layer_clips_each_layer_on_its_own() -> None:
+def test_normclip_per_layer_clips_each_layer_on_its_own(bookkeeping: str) -> None:
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     _, sink = guard_for(model, opt, gg.NormClip(0.2, per_layer=True))
@@ -188,7 +191,7 @@ def reference_autoclip(
 
 
 @pytest.mark.parametrize(("percentile", "history"), [(10.0, 10_000), (50.0, 7), (90.0, 1)])
-def test_autoclip_equals_the_papers_loop(percentile: float, history: int) -> None:
+def test_autoclip_equals_the_papers_loop(percentile: float, history: int, bookkeeping: str) -> None:
     ours, ref = make_model(), make_model()
     opt_ours = torch.optim.Adam(ours.parameters(), lr=1e-2)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
@@ -204,7 +207,7 @@ def test_autoclip_equals_the_papers_loop(percentile: float, history: int) -> Non
         assert series(sink, CLIPPED)[-1] >= 10  # the clip really bound
 
 
-def test_autoclip_per_layer_keeps_a_history_per_layer() -> None:
+def test_autoclip_per_layer_keeps_a_history_per_layer(bookkeeping: str) -> None:
     ours, ref = make_model(), make_model()
     opt_ours = torch.optim.Adam(ours.parameters(), lr=1e-2)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
@@ -262,7 +265,7 @@ def test_autoclip_package_takes_the_percentile_one_step_later() -> None:
     assert ours_thr[5] > float(np.percentile(norms[:5], 50))
 
 
-def test_autoclip_never_records_a_nonfinite_norm() -> None:
+def test_autoclip_never_records_a_nonfinite_norm(bookkeeping: str) -> None:
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     _, sink = guard_for(model, opt, gg.AutoClip(50.0, history=100), on_nonfinite="skip", warn=False)
@@ -291,7 +294,9 @@ ZCLIP_CASES = [
 
 
 @pytest.mark.parametrize("options", ZCLIP_CASES)
-def test_zclip_equals_the_zclip_package_through_a_spike(options: dict[str, object]) -> None:
+def test_zclip_equals_the_zclip_package_through_a_spike(
+    options: dict[str, object], bookkeeping: str
+) -> None:
     zclip = pytest.importorskip("zclip")
     ours, ref = make_model(), make_model()
     opt_ours = torch.optim.Adam(ours.parameters(), lr=1e-3)
@@ -321,7 +326,7 @@ def test_zclip_equals_the_zclip_package_through_a_spike(options: dict[str, objec
     assert coefs[spike_step] == min(coefs)
 
 
-def test_zclip_warmup_has_no_hidden_cap() -> None:
+def test_zclip_warmup_has_no_hidden_cap(bookkeeping: str) -> None:
     zclip = pytest.importorskip("zclip")
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -341,7 +346,7 @@ def test_zclip_warmup_has_no_hidden_cap() -> None:
     assert all(v > 1.0 for v in series(sink, "gradguard/grad_norm_total"))
 
 
-def test_zclip_statistics_survive_a_nan_step() -> None:
+def test_zclip_statistics_survive_a_nan_step(bookkeeping: str) -> None:
     zclip = pytest.importorskip("zclip")
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -522,7 +527,7 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("name", list(ALL_STRATEGIES))
-def test_no_host_sync_on_non_logging_steps(name: str, fused: bool) -> None:
+def test_no_host_sync_on_non_logging_steps(name: str, fused: bool, bookkeeping: str) -> None:
     x = torch.randn(16, 8)
     torch.manual_seed(0)
     model = mlp([8, 32, 32, 4])

@@ -72,7 +72,9 @@ CLIPS = [pytest.param(cls, id=cls.__name__) for cls in clip_classes()]
 
 
 @pytest.mark.parametrize("cls", CLIPS)
-def test_clip_state_round_trip_continues_bit_identically(cls: type[gg.ClipStrategy]) -> None:
+def test_clip_state_round_trip_continues_bit_identically(
+    cls: type[gg.ClipStrategy], bookkeeping: str
+) -> None:
     data = _batches()
     model, opt, guard, straight = _fresh(cls)
     guard.attach(model, opt)
@@ -104,7 +106,7 @@ def test_clip_state_round_trip_continues_bit_identically(cls: type[gg.ClipStrate
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("cls", CLIPS)
-def test_clip_adds_no_host_sync(cls: type[gg.ClipStrategy], fused: bool) -> None:
+def test_clip_adds_no_host_sync(cls: type[gg.ClipStrategy], fused: bool, bookkeeping: str) -> None:
     torch.manual_seed(0)
     model = mlp([8, 16, 4])
     opt = torch.optim.Adam(model.parameters(), fused=fused)
@@ -130,7 +132,7 @@ def test_clip_adds_no_host_sync(cls: type[gg.ClipStrategy], fused: bool) -> None
 
 @pytest.mark.parametrize("cls", CLIPS)
 def test_clip_never_increases_the_norm_and_leaves_a_nan_step_alone(
-    cls: type[gg.ClipStrategy],
+    cls: type[gg.ClipStrategy], bookkeeping: str
 ) -> None:
     model, opt, guard, sink = _fresh(cls)
     guard.attach(model, opt)
@@ -290,3 +292,36 @@ def test_the_lists_above_cover_what_gradguard_ships() -> None:
         "ZClip",
         "AGC",
     }
+
+
+HOST_CAPABLE = [
+    pytest.param(cls, id=cls.__name__) for cls in clip_classes() if cls.host_bookkeeping
+]
+
+
+@pytest.mark.parametrize("cls", HOST_CAPABLE)
+def test_host_and_device_bookkeeping_give_the_same_numbers(
+    cls: type[gg.ClipStrategy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPU devices keep a strategy's bookkeeping on the host, accelerators on the device:
+    the thresholds, scales and weights must not depend on which (float32 rounding aside)."""
+    import gradguard.clip.base as clip_base
+
+    runs = {}
+    for on_host in (True, False):
+        monkeypatch.setattr(clip_base, "HOST_BOOKKEEPING_ON_CPU", on_host)
+        model, opt, guard, sink = _fresh(cls)
+        guard.attach(model, opt)
+        _train(model, opt, _batches() * 3)  # ZClip's warm-up (25) ends at step 25
+        guard.detach()
+        runs[on_host] = (sink, [p.detach().clone() for p in model.parameters()])
+    (host, host_params), (device, device_params) = runs[True], runs[False]
+    assert host.scalars.keys() == device.scalars.keys()
+    for key in ("gradguard/clip/coef", "gradguard/clip/threshold", "gradguard/clip/clipped_steps"):
+        if key in device.scalars:
+            assert [s for s, _ in host.scalars[key]] == [s for s, _ in device.scalars[key]]
+            assert [v for _, v in host.scalars[key]] == pytest.approx(
+                [v for _, v in device.scalars[key]], rel=1e-5
+            )
+    for a, b in zip(host_params, device_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
