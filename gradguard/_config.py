@@ -148,7 +148,12 @@ def _instances(name: str, value: Any, kind: type, example: str) -> list[Any]:
 
 
 def _sinks(value: Any) -> list[Sink]:
-    if value is None or isinstance(value, Sink) or not isinstance(value, Iterable):
+    if isinstance(value, Sink) and not isinstance(value, type):
+        # One sink where a list belongs: say how to write it, not just that it is wrong.
+        raise ConfigurationError.bad_value(
+            "sinks", value, f"expected a list of sinks: sinks=[{type(value).__name__}(...)]"
+        )
+    if value is None or isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise ConfigurationError.bad_value(
             "sinks",
             value,

@@ -96,6 +96,15 @@ def discover_layers(model: nn.Module, optimizer: torch.optim.Optimizer) -> Layer
             param_layer.append(index)
             param_names.append(f"{module_name}.{pname}" if module_name else pname)
     if not params:
+        model_params = {id(p) for p in model.parameters()}
+        if any(id(p) in model_params for p in _held(optimizer)):
+            # Gradual unfreezing that starts with everything frozen: say so, and what works.
+            raise ConfigurationError(
+                f"every parameter of model={type(model).__name__} that "
+                f"optimizer={type(optimizer).__name__} holds is frozen (requires_grad=False): "
+                "gradguard needs at least one trainable parameter at attach. Attach once the "
+                "first layer is unfrozen; layers unfrozen after that are picked up on their own"
+            )
         raise ConfigurationError(
             f"optimizer={type(optimizer).__name__} holds none of the trainable parameters of "
             f"model={type(model).__name__}: pass the model whose parameters the optimizer updates "

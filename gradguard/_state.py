@@ -2,20 +2,27 @@
 all-or-nothing.
 
 A state holds only tensors, numbers, strings, lists and dicts (Lightning loads checkpoints
-with ``weights_only=True``). ``check`` validates a whole state (version, types, and each
-part's own ``check_state``) before ``apply`` changes anything, so a state that cannot be
-loaded raises ``ConfigurationError`` and leaves the guard as it was.
+with ``weights_only=True``). ``check`` validates a whole state (version, types, the
+guard's own parts by loading them into throwaway copies, and each clip's and detector's
+own ``check_state``) before ``apply`` changes anything, so a state that cannot be loaded
+raises ``ConfigurationError`` and leaves the guard as it was; ``load_state_dict`` before
+``attach`` raises then, not at attach. ``apply`` is all-or-nothing too: should a part's
+``load_state_dict`` fail where its ``check_state`` did not foresee it, everything already
+applied is put back before the ``ConfigurationError``.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._debounce import Debouncer
 from ._errors import ConfigurationError, GradGuardWarning
+from ._ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from ._guard import GradGuard
@@ -117,6 +124,23 @@ class StateSchema:
                     raise ConfigurationError.bad_value(
                         f"state[{counter!r}]", value, "expected an integer >= 0"
                     )
+            order = checked.get("layer_order", [])
+            if not isinstance(order, (list, tuple)) or not all(isinstance(n, str) for n in order):
+                raise ConfigurationError.bad_value(
+                    "state['layer_order']", order, "expected a list of layer names"
+                )
+            for key in ("depth_source", "clip_type"):
+                if not isinstance(checked.get(key, ""), str):
+                    raise ConfigurationError.bad_value(
+                        f"state[{key!r}]", checked[key], "expected a string"
+                    )
+            if not isinstance(checked.get("clip", {}), Mapping):
+                raise ConfigurationError.bad_value(
+                    "state['clip']", checked["clip"], "expected a mapping"
+                )
+            # The guard's own host-side parts: loading into throwaway ones checks them whole.
+            Debouncer().load_state_dict(checked.get("debouncer", {}))
+            RateLimiter(1).load_state_dict(checked.get("warnings", {}))
             detectors = checked["detectors"]
             if not isinstance(detectors, Mapping):
                 raise ConfigurationError.bad_value(
@@ -142,7 +166,27 @@ class StateSchema:
 
     @staticmethod
     def apply(guard: GradGuard, state: dict[str, Any]) -> None:
-        """Load a checked state into an attached guard."""
+        """Load a checked state into an attached guard, all or nothing.
+
+        A part whose ``load_state_dict`` raises although its ``check_state`` passed (a
+        custom detector's, or a malformed entry no check foresaw) must not leave the guard
+        half-loaded: the state held before (a deep copy, so in-place loads cannot touch
+        it) is put back and the error is a ``ConfigurationError``.
+        """
+        before = copy.deepcopy(StateSchema.save(guard))
+        try:
+            StateSchema._apply(guard, state)
+        except Exception as error:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", GradGuardWarning)
+                StateSchema._apply(guard, before)
+            raise ConfigurationError(
+                f"this GradGuard state cannot be loaded ({type(error).__name__}: {error}); "
+                "nothing was changed"
+            ) from error
+
+    @staticmethod
+    def _apply(guard: GradGuard, state: dict[str, Any]) -> None:
         binding = guard._binding
         assert binding is not None
         layout = binding.layout
