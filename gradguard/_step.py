@@ -83,6 +83,8 @@ class StepPipeline:
             and clip_base.HOST_BOOKKEEPING_ON_CPU
         )
         self._specs: dict[tuple[bool, bool, bool], PacketSpec] = {}
+        self._nan = torch.full((), math.nan, device=self.device)
+        self._one = torch.ones((), device=self.device)
 
     def spec(self, scaler: bool, host_decides: bool, loss: bool = False) -> PacketSpec:
         """The packet layout of a step (cached: at most eight per layout)."""
@@ -182,7 +184,14 @@ class StepPipeline:
         # 3. clip
         clip_result = None
         host_values: dict[str, float] = {}
-        if config.clip is not None:
+        if config.clip is not None and not any(norms.present_host) and not self.computer.sharded:
+            # Nothing has a gradient (a batch that touched no trainable branch): nothing to
+            # clip, and no 0 norm may enter a strategy's history.
+            clip_result = ClipResult(self._nan, self._one)
+            extras[CLIP_THRESHOLD], extras[CLIP_COEF] = self._nan, self._one
+            if self._host_clip:
+                host_values = {CLIP_THRESHOLD: math.nan, CLIP_COEF: 1.0}
+        elif config.clip is not None:
             host = None
             if self._host_clip:
                 values = norms.head.tolist()  # a CPU tensor: a read, not a device sync

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 import torch
 
 if os.environ.get("GRADGUARD_TEST_THREADS", "1") != "0":

@@ -171,7 +171,11 @@ class AGC(ClipStrategy):
             vector_grads = [g for g, _ in vectors]
             grads += vector_grads
             # Gradients and weights in one foreach pass, then cut in two.
-            both = torch.stack(torch._foreach_norm(vector_grads + [w for _, w in vectors]))
+            both = torch.stack(
+                torch._foreach_norm(
+                    vector_grads + [w for _, w in vectors], 2, dtype=_norm_dtype(vectors)
+                )
+            )
             grad_part, weight_part = torch.split(both, len(vectors))
             buckets.append((grad_part, weight_part))
             self._split_sizes.append(None)
@@ -180,11 +184,12 @@ class AGC(ClipStrategy):
             stacked_grads = torch.cat([g for g, _ in members])
             dims = tuple(range(1, stacked_grads.ndim))
             grads += [g for g, _ in members]
+            dtype = _norm_dtype(members)
             buckets.append(
                 (
-                    torch.linalg.vector_norm(stacked_grads, dim=dims, keepdim=True),
+                    torch.linalg.vector_norm(stacked_grads, dim=dims, keepdim=True, dtype=dtype),
                     torch.linalg.vector_norm(
-                        torch.cat([w for _, w in members]), dim=dims, keepdim=True
+                        torch.cat([w for _, w in members]), dim=dims, keepdim=True, dtype=dtype
                     ),
                 )
             )
@@ -192,10 +197,11 @@ class AGC(ClipStrategy):
         for grad, weight in singles:
             dims = tuple(range(1, grad.ndim))
             grads.append(grad)
+            dtype = _norm_dtype([(grad, weight)])
             buckets.append(
                 (
-                    torch.linalg.vector_norm(grad, dim=dims, keepdim=True),
-                    torch.linalg.vector_norm(weight, dim=dims, keepdim=True),
+                    torch.linalg.vector_norm(grad, dim=dims, keepdim=True, dtype=dtype),
+                    torch.linalg.vector_norm(weight, dim=dims, keepdim=True, dtype=dtype),
                 )
             )
             self._split_sizes.append([grad.shape[0]])
@@ -219,6 +225,13 @@ class AGC(ClipStrategy):
             else:
                 out += torch.split(piece.reshape(norms.shape), sizes)
         return out
+
+
+def _norm_dtype(members: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.dtype | None:
+    """float32 for fp16/bf16 units (an fp16 norm overflows at 65504), else the param's own
+    dtype, as timm measures them."""
+    low = (torch.float16, torch.bfloat16)
+    return torch.float32 if members[0][0].dtype in low else None
 
 
 def _unit_squares(tensor: torch.Tensor) -> torch.Tensor:

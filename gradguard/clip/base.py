@@ -104,6 +104,8 @@ class ClipContext:
     def scale_layers_(self, layer_coef: torch.Tensor | list[float]) -> None:
         """Multiply each layer's gradients by its entry of ``layer_coef`` ([num_layers])."""
         grads = self.local_grads()
+        if not grads:
+            return
         if isinstance(layer_coef, list):
             if all(c == 1.0 for c in layer_coef):
                 return

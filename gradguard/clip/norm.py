@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .._errors import check_bool, check_number
+from .._errors import ConfigurationError, check_bool, check_number
 from .._layers import LayerLayout
 from .base import (
     ClipContext,
@@ -90,6 +90,18 @@ class ValueClip(ClipStrategy):
     def _config(self) -> dict[str, Any]:
         return {"value": self.value}
 
+    def bind(self, layout: LayerLayout, device: torch.device) -> None:
+        complex_params = [
+            name for name, p in zip(layout.param_names, layout.params) if p.is_complex()
+        ]
+        if complex_params:
+            raise ConfigurationError(
+                f"clip=ValueClip({self.value}) cannot clamp complex gradients (torch has no "
+                f"complex clamp): {', '.join(complex_params[:3])} are complex; use "
+                "NormClip, AutoClip or ZClip, which scale by a norm"
+            )
+        super().bind(layout, device)
+
     def clip_(self, ctx: ClipContext) -> ClipResult:
         grads = [g._values() if g.is_sparse else g for g in ctx.local_grads()]
         if not grads:
@@ -106,8 +118,8 @@ class ValueClip(ClipStrategy):
         after = stacked_norms(grads, ctx.device)
         before_total = torch.linalg.vector_norm(before)
         after_total = torch.linalg.vector_norm(after)
-        # The same kernels measure both sides: when nothing was clamped the ratio is exactly 1.
-        tiny = torch.finfo(torch.float32).tiny
-        coef = (after_total / before_total.clamp_min(tiny)).clamp(max=1.0)
+        # The same kernels measure both sides: when nothing was clamped the ratio is exactly 1;
+        # an all-zero gradient (0/0) was not clipped, nor a non-finite one (the policy's).
+        coef = (after_total / before_total).nan_to_num(nan=1.0).clamp(max=1.0)
         coef = torch.where(before_total < math.inf, coef, 1.0)
         return ClipResult(nan_scalar(ctx.device), coef)

@@ -95,7 +95,7 @@ def nonfinite_text(
 
     ``clipping``: the clip strategy in use (its name), so the advice never recommends it;
     ``inf_only``: no NaN was seen, only Inf (which a float32 norm also reads when a finite
-    gradient's norm exceeds 3.4e38).
+    gradient is so large that its sum of squares overflows float32, from about 1.8e19).
     """
     if layers and len(layers) < total_layers:
         where = (
@@ -109,7 +109,11 @@ def nonfinite_text(
         if skipped
         else "the optimizer step went ahead with it."
     )
-    what = "Inf (or its norm exceeds float32's range, 3.4e38)" if inf_only else "NaN/Inf"
+    what = (
+        "Inf (or so large that its float32 sum of squares overflows: norms from about 1.8e19)"
+        if inf_only
+        else "NaN/Inf"
+    )
     message = f"Gradient is {what} {where}; {outcome}"
     if not layers or len(layers) == total_layers:
         advice = (

@@ -95,12 +95,6 @@ def test_complex_parameters_are_measured_by_modulus_and_skipped(clip: Any) -> No
     assert guard.skipped_steps == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="clip/norm.py ValueClip.clip_ calls torch.clamp on complex gradients, which torch "
-    "does not support: NotImplementedError inside optimizer.step() instead of a "
-    "ConfigurationError at attach (ValueClip.bind should refuse complex parameters)",
-)
 def test_value_clip_on_complex_parameters_is_refused_at_attach() -> None:
     model = ComplexNet()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -207,29 +201,11 @@ STRATEGIES: dict[str, Callable[[], Any]] = {
     "NormClip(per_layer)": lambda: gg.NormClip(1.0, per_layer=True),
     "AutoClip(per_layer)": lambda: gg.AutoClip(per_layer=True),
 }
-_PER_LAYER_EMPTY = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="clip/base.py ClipContext.scale_layers_ calls torch._foreach_mul_ on an empty "
-    "list when no parameter has a gradient ('Tensor list must have at least one tensor'); "
-    "it should return early when there are no gradients",
-)
-_HISTORY_ZERO = pytest.mark.xfail(
-    strict=True,
-    reason="clip/autoclip.py AutoClip.clip_ (global) and clip/zclip.py ZClip.clip_ let the "
-    "0 norm of a step without gradients enter their history/EMA (finite = norm < inf), "
-    "dragging the threshold down; they should also require ctx.norms.present.any()",
-)
 
 
 def _strategy_params() -> Iterator[Any]:
     for name in STRATEGIES:
-        marks = []
-        if "per_layer" in name:
-            marks.append(_PER_LAYER_EMPTY)
-        elif name in ("AutoClip", "ZClip"):
-            marks.append(_HISTORY_ZERO)
-        yield pytest.param(name, marks=marks, id=name)
+        yield pytest.param(name, id=name)
 
 
 @pytest.mark.parametrize("policy", ["warn", "skip"])
