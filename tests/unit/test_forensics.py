@@ -177,7 +177,7 @@ def test_a_nan_in_the_batch_is_blamed_on_the_data() -> None:
 
 def test_nothing_is_left_behind_and_an_ordinary_step_is_untouched() -> None:
     model = Net(LogOfNegative())
-    guard, forensics = _train(model)
+    _, forensics = _train(model)
     assert not forensics.armed
     for module in model.modules():
         assert "forward" not in module.__dict__  # the class's forward again

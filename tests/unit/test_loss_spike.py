@@ -180,7 +180,7 @@ def test_spike_score_is_olmo_cores_rule() -> None:
 
 
 def test_spike_score_reaches_the_sinks() -> None:
-    guard, sink, _ = _train(300, corrupt_from=250)
+    _, sink, _ = _train(300, corrupt_from=250)
     keys = [k for k in sink.scalars if k.startswith("gradguard/stability/spike_score")]
     assert sorted(keys) == [
         "gradguard/stability/spike_score",
