@@ -44,12 +44,13 @@ __all__ = ["NonfiniteForensics", "TraceResult"]
 class TraceResult:
     """What one traced forward pass found.
 
-    ``kind``: ``"op"`` (a torch call made the first non-finite value from finite inputs),
-    ``"module"`` (a module did, and no torch call inside it was seen doing so),
-    ``"propagated"`` (the first non-finite output came from a non-finite input that no
-    traced call produced: a buffer, or a tensor made outside the pass), ``"weights"`` (the
-    weights were already non-finite: ``layers``), ``"batch"`` (the model's input was), or
-    ``"finite"`` (every output was finite).
+    ``kind``: ``"op"`` (a torch call made the first NaN from NaN-free inputs, or, when the
+    pass made no NaN, the first Inf from finite inputs), ``"module"`` (a module did, and no
+    torch call inside it was seen doing so), ``"propagated"`` (the model's output held NaN
+    but the first NaN came in through an input no traced call made: a cached tensor),
+    ``"weights"`` (weights NaN/Inf, or buffers NaN: ``layers``), ``"batch"`` (the model's
+    input held NaN), or ``"finite"`` (no NaN, and no Inf made from finite inputs).
+    ``inf_inputs``: the call's inputs held +-Inf (a -inf mask, say) but no NaN.
     """
 
     kind: str
@@ -58,13 +59,15 @@ class TraceResult:
     inputs: list[InputRange] = field(default_factory=list)
     output_dtype: str | None = None
     nan: bool = False
+    inf_inputs: bool = False
     layers: list[str] = field(default_factory=list)
 
 
 def _float_tensors(value: Any, depth: int = 2) -> list[torch.Tensor]:
-    """The floating-point tensors in a value (through tuples, lists and dict values)."""
+    """The floating-point tensors in a value (through tuples, lists and dict values), as
+    rank-local tensors (a DTensor's own shard: no collective is ever run here)."""
     if isinstance(value, torch.Tensor):
-        return [value] if value.is_floating_point() else []
+        return [local_tensor(value).detach()] if value.is_floating_point() else []
     if depth == 0:
         return []
     if isinstance(value, Mapping):
@@ -74,16 +77,26 @@ def _float_tensors(value: Any, depth: int = 2) -> list[torch.Tensor]:
     return []
 
 
+# Deliberate host syncs below: forensics runs only in the traced pass after a NaN/Inf step.
+def _has_nan(tensor: torch.Tensor) -> bool:
+    return tensor.numel() > 0 and bool(torch.isnan(tensor).any())
+
+
 def _finite(tensor: torch.Tensor) -> bool:
-    # Deliberate host sync: forensics runs only in the traced pass after a NaN/Inf step.
     return tensor.numel() == 0 or bool(torch.isfinite(tensor).all())
+
+
+def _infinite_scalar(args: Any, kwargs: Mapping[str, Any]) -> bool:
+    """An infinite Python number among the arguments: an Inf put there on purpose
+    (``masked_fill(mask, float("-inf"))``, ``torch.full(..., -inf)``)."""
+    values = [*args, *kwargs.values()]
+    return any(isinstance(v, float) and math.isinf(v) for v in values)
 
 
 def _ranges(tensors: list[torch.Tensor], limit: int = 3) -> list[InputRange]:
     """min/max of the finite values of the first ``limit`` tensors (rare path: syncs)."""
     ranges = []
-    for tensor in tensors[:limit]:
-        data = tensor.detach()
+    for data in tensors[:limit]:
         finite = data[torch.isfinite(data)]
         if finite.numel() == 0:
             ranges.append(InputRange(math.nan, math.nan, _dtype(data), data.numel()))
@@ -103,27 +116,72 @@ def _in_backward() -> bool:
 
 
 class _Trace(TorchFunctionMode):
-    """One traced forward pass: checks every torch call's output, keeps the module stack."""
+    """One traced forward pass: checks every torch call's output, keeps the module stack.
+
+    NaN comes first: the first call whose output holds NaN while its inputs held none made
+    it (its inputs may hold +-Inf: Inf - Inf). An Inf alone is often meant (a -inf attention
+    mask), so it counts only when made from finite inputs by a call that was not handed an
+    infinite number; it is the answer when the pass makes no NaN, or when the NaN was made
+    from Inf inputs after it (an exp that overflowed, then Inf - Inf downstream). Calls without
+    floating-point tensor inputs (factories) and ``empty`` allocations (uninitialised memory,
+    as FSDP's all-gather buffers) are not judged.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.result: TraceResult | None = None
+        self.nan_origin: TraceResult | None = None
+        self.inf_origin: TraceResult | None = None
+        self.nan_seen: TraceResult | None = None  # the first NaN, made before the pass
         self.stack: list[str] = []
         self._busy = False
 
-    def _blame(self, kind_if_clean: str, outputs: list[torch.Tensor], inputs: Any) -> None:
-        bad = next((t for t in outputs if not _finite(t)), None)
-        if bad is None:
+    @property
+    def done(self) -> bool:
+        return self.nan_origin is not None
+
+    def result(self, output_has_nan: bool) -> TraceResult:
+        nan = self.nan_origin
+        if nan is not None:
+            # NaN from Inf inputs, after an Inf made by accident (exp overflow, then
+            # Inf - Inf downstream): the overflow is where it started.
+            return self.inf_origin if nan.inf_inputs and self.inf_origin else nan
+        if output_has_nan and self.nan_seen is not None:
+            return self.nan_seen
+        return self.inf_origin or TraceResult("finite")
+
+    def _judge(
+        self, kind: str, op: str | None, outputs: list[torch.Tensor], args: Any, kwargs: Any
+    ) -> None:
+        inputs = _float_tensors((args, kwargs))
+        if not inputs or (op is not None and "empty" in op):
             return
-        ins = _float_tensors(inputs)
-        clean = all(_finite(t) for t in ins)
-        self.result = TraceResult(
-            kind=kind_if_clean if clean else "propagated",
-            module=self.stack[-1] if self.stack else None,
-            inputs=_ranges(ins),
-            output_dtype=_dtype(bad),
-            nan=bool(torch.isnan(bad).any()),  # Deliberate host sync (rare path).
-        )
+        where = self.stack[-1] if self.stack else None
+        if any(_has_nan(t) for t in outputs):
+            nan_in = any(_has_nan(t) for t in inputs)
+            found = TraceResult(
+                kind if not nan_in else "propagated",
+                module=where,
+                op=op,
+                inputs=_ranges(inputs),
+                output_dtype=_dtype(next(t for t in outputs if _has_nan(t))),
+                nan=True,
+                inf_inputs=not nan_in and not all(_finite(t) for t in inputs),
+            )
+            if not nan_in:
+                self.nan_origin = found
+            elif self.nan_seen is None:
+                self.nan_seen = found
+            return
+        if self.inf_origin is not None or all(_finite(t) for t in outputs):
+            return
+        if all(_finite(t) for t in inputs) and not _infinite_scalar(args, kwargs or {}):
+            self.inf_origin = TraceResult(
+                kind,
+                module=where,
+                op=op,
+                inputs=_ranges(inputs),
+                output_dtype=_dtype(next(t for t in outputs if not _finite(t))),
+            )
 
     def __torch_function__(
         self,
@@ -134,27 +192,25 @@ class _Trace(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.result is None and not self._busy:
+        if not self.done and not self._busy:
             outputs = _float_tensors(out)
             if outputs:
                 self._busy = True
                 try:
-                    self._blame("op", outputs, (args, kwargs))
-                    if self.result is not None:
-                        self.result.op = op_display_name(func)
+                    self._judge("op", op_display_name(func), outputs, args, kwargs)
                 finally:
                     self._busy = False
         return out
 
     def module_done(self, args: Any, kwargs: Any, output: Any) -> None:
         """After a module's forward (the innermost name still on the stack)."""
-        if self.result is not None:
+        if self.done:
             return
         outputs = _float_tensors(output)
         if outputs:
             self._busy = True
             try:
-                self._blame("module", outputs, (args, kwargs))
+                self._judge("module", None, outputs, args, kwargs)
             finally:
                 self._busy = False
 
@@ -236,6 +292,7 @@ class NonfiniteForensics(Detector):
             inputs=result.inputs,
             output_dtype=result.output_dtype,
             nan=result.nan,
+            inf_inputs=result.inf_inputs,
             layers=result.layers,
             policy=context.on_nonfinite,
         )
@@ -246,7 +303,9 @@ class NonfiniteForensics(Detector):
             value=math.nan,
             message=message,
             advice=advice,
-            severity="error",
+            # A diagnosis of the NaN/Inf Event (an error already, and already alerted): a
+            # warning, so that dashboards alerting on errors do not page twice.
+            severity="warning",
             details={"trace": result.kind, "op": result.op, "trigger_step": trigger},
             max_gap=context.repeat_every,
             remind_every=context.repeat_every,
@@ -293,18 +352,23 @@ class NonfiniteForensics(Detector):
             self._finish(trigger, early)
             return forward(*args, **kwargs)
         trace = self._trace = _Trace()
+        out: Any = None
         try:
             with trace:
                 if name:
                     trace.stack.append(name)
                 out = forward(*args, **kwargs)
                 trace.module_done(args, kwargs, out)
-                return out
+            return out
         finally:
-            self._finish(trigger, trace.result or TraceResult("finite"))
+            output_nan = any(_has_nan(t) for t in _float_tensors(out))
+            self._finish(trigger, trace.result(output_nan))
 
     def _precheck(self, args: Any, kwargs: Any) -> TraceResult | None:
-        """The weights and the batch, before tracing (rare path: host reads)."""
+        """The weights, the buffers and the batch, before tracing (rare path: host reads).
+
+        Weights must be finite; buffers and the batch must hold no NaN (an Inf there may be
+        meant: a registered -inf mask, an additive attention mask passed in)."""
         context = self.context
         assert context is not None
         layout = context.layout
@@ -315,8 +379,15 @@ class NonfiniteForensics(Detector):
             bad = {layout.names[layout.param_layer[i]] for i, ok in enumerate(finite) if not ok}
             if bad:
                 return TraceResult("weights", layers=[n for n in layout.names if n in bad])
+        buffers = [
+            name.rpartition(".")[0] or "root"
+            for name, buffer in context.model.named_buffers()
+            if buffer.is_floating_point() and _has_nan(local_tensor(buffer))
+        ]
+        if buffers:
+            return TraceResult("buffers", layers=sorted(set(buffers)))
         batch = _float_tensors((args, kwargs))
-        if any(not _finite(t) for t in batch):
+        if any(_has_nan(t) for t in batch):
             return TraceResult("batch", inputs=_ranges(batch))
         return None
 

@@ -50,9 +50,11 @@ class UpdateSpikeDetector(Detector):
     ``threshold``: z-score of the log ratio (6, as the gradient-spike detector);
     ``alpha``: the EMA's decay (default 0.9 on logging steps, 0.98 when measured every
     step: about the last 10 logging steps, or 50 steps); ``min_std`` floors the std so a
-    very steady ratio needs an ``exp(threshold * min_std)``-fold jump (1.8x); ``min_ratio``
-    ignores layers that barely move (a jump from 1e-7 to 1e-6 is not news); ``warmup``: the
-    number of measurements before a layer is scored.
+    very steady ratio needs an ``exp(threshold * min_std)``-fold jump (3.3x: SGD with
+    momentum doubles its step while the momentum builds up, and ``gradguard demo``'s healthy
+    model jumps 1.9x at step 60); ``min_ratio`` ignores layers that barely move (a jump
+    from 1e-7 to 1e-6 is not news); ``warmup``: the number of measurements before a layer
+    is scored.
     """
 
     kinds: ClassVar[tuple[str, ...]] = ("update_spike",)
@@ -63,9 +65,9 @@ class UpdateSpikeDetector(Detector):
         *,
         every_n_steps: int | None = None,
         alpha: float | None = None,
-        min_std: float = 0.1,
+        min_std: float = 0.2,
         min_ratio: float = 1e-4,
-        warmup: int = 5,
+        warmup: int = 10,
     ) -> None:
         self.threshold = check_number("threshold", threshold, low=0.0, low_open=True)
         if every_n_steps is not None:

@@ -432,7 +432,7 @@ def loss_spike_text(
             f"the last {window} steps ({fmt(reference)}; robust z-score {zscore:.0f})"
         )
     if skipped:
-        message += "; gradguard skipped the step that followed it."
+        message += "; gradguard skipped this step's update."
     elif clipping and clip_coef is not None and clip_coef < 1.0:
         message += (
             f"; the gradient norm was {fmt(grad_norm)} and {clipping} clipped it to "
@@ -557,6 +557,7 @@ def nonfinite_source_text(
     inputs: Sequence[InputRange] = (),
     output_dtype: str | None = None,
     nan: bool = False,
+    inf_inputs: bool = False,
     layers: Sequence[str] = (),
     policy: str = "warn",
 ) -> tuple[str, str]:
@@ -583,8 +584,17 @@ def nonfinite_source_text(
             else "restart from the last good checkpoint"
         )
         return message, advice + "."
+    if kind == "buffers":
+        message = (
+            f"{intro}: buffers of {len(layers)} module(s) ({_names(layers)}) hold NaN "
+            "(running statistics, caches): the NaN/Inf entered the model's state."
+        )
+        return message, (
+            "restart from the last good checkpoint; a BatchNorm running statistic goes NaN "
+            "when one batch is NaN: keep on_nonfinite='skip' on and check the data."
+        )
     if kind == "batch":
-        message = f"{intro}: the batch itself holds NaN/Inf ({ranges})."
+        message = f"{intro}: the batch itself holds NaN ({ranges})."
         return message, (
             "check the data pipeline for missing values, a division by a zero standard "
             "deviation in normalisation, or a corrupt sample; filter non-finite samples."
@@ -602,15 +612,23 @@ def nonfinite_source_text(
     if kind == "propagated":
         call = f"{op}" if op else "a module's output"
         message = (
-            f"{intro}: the first NaN/Inf showed up in {call}{inside}, from an input that was "
-            f"already non-finite ({ranges}) although no traced call made it."
+            f"{intro}: the model's output held NaN, and the first NaN showed up in {call}"
+            f"{inside} from an input that already held it ({ranges}), which no traced call "
+            "made."
         )
         return message, (
-            "a buffer (e.g. a BatchNorm running statistic) or a tensor made outside the "
-            "forward pass holds NaN/Inf: check the model's buffers and cached tensors."
+            "a tensor made outside the forward pass and reused in it (a cache, a "
+            "precomputed table, a tensor kept from an earlier step) holds NaN: check those."
         )
     call = op if op else "the output of the module"
     message = f"{intro}: the first {what} came out of {call}{inside}"
+    if inf_inputs:
+        message += f", from inputs that held +-Inf but no NaN ({ranges})."
+        return message, (
+            "Inf - Inf or 0 x Inf: with a -inf attention mask, a fully masked row makes NaN "
+            "in softmax; mask with a large negative number (torch.finfo(dtype).min) or keep "
+            "one position unmasked in every row."
+        )
     message += f", from finite inputs ({ranges})." if ranges else ", from finite inputs."
     cause = _op_cause(op or "", inputs, output_dtype or "", nan)
     return message, cause + "."
@@ -672,12 +690,12 @@ def update_spike_text(
     message += "." if every_step else " (measured on a logging step)."
     advice = (
         "large-scale runs see such jumps before loss spikes: lower the learning rate (or "
-        "this layer's), and raise Adam's eps (1e-8 -> 1e-6) if its gradient was tiny for a "
-        "while, since a collapsed second-moment estimate blows the step up"
+        "this layer's); with Adam, raise eps (1e-8 -> 1e-6) if this layer's gradient was "
+        "tiny for a while, since a collapsed second-moment estimate blows the step up"
     )
     advice += (
-        f"; {clipping} bounds the gradient, not Adam's normalised update."
+        f" ({clipping} bounds the gradient, not Adam's normalised update)."
         if clipping
-        else "; clipping the gradient does not bound Adam's normalised update."
+        else " (clipping the gradient does not bound Adam's normalised update)."
     )
     return message, advice
