@@ -32,6 +32,11 @@ def _sign(value: float) -> int:
     return (value > 0) - (value < 0)
 
 
+def _recent(series: MannKendall, count: int = 4) -> float:
+    """The median of the last ``count`` values: the level now, robust to one outlier."""
+    return median(sorted(list(series.values)[-count:]))
+
+
 class MannKendall:
     """The Mann-Kendall ``S`` of the last ``size`` values, updated in O(size) per value."""
 
@@ -111,6 +116,9 @@ class TrendDetector(Detector):
         self.norm_rise = check_number("norm_rise", norm_rise, low=1.0, low_open=True)
         self._loss = MannKendall(self.window)
         self._norm = MannKendall(self.window)
+        # The first ``window`` log values: where training started.
+        self._loss_start: list[float] = []
+        self._norm_start: list[float] = []
         self.last_loss_z = 0.0
         self.last_norm_z = 0.0
 
@@ -123,25 +131,47 @@ class TrendDetector(Detector):
     def _full(self, series: MannKendall) -> bool:
         return len(series.values) == self.window
 
+    def _push(self, series: MannKendall, start: list[float], value: float) -> None:
+        series.push(value)
+        if len(start) < self.window:
+            start.append(value)
+
+    def _undoes_progress(self, rise: float) -> bool:
+        """The loss's rise undoes at least 10% of the progress made since the start, as
+        for a loss spike: near 0 (a memorised training set) a loss may double at no risk."""
+        now = math.exp(_recent(self._loss))
+        before = now / rise
+        start = math.exp(median(sorted(self._loss_start)))
+        return now - before >= 0.1 * max(start - before, 0.0)
+
     def on_step(self, stats: StepStats) -> list[Finding]:
         context = self.context
         if context is None:
             return []
         loss = stats.loss
         if loss is not None and math.isfinite(loss) and loss > 0:
-            self._loss.push(math.log(loss))
+            self._push(self._loss, self._loss_start, math.log(loss))
         if math.isfinite(stats.total) and stats.total > 0:
-            self._norm.push(math.log(stats.total))
+            self._push(self._norm, self._norm_start, math.log(stats.total))
         self.last_loss_z = self._loss.zscore
         self.last_norm_z = self._norm.zscore
         loss_rise = norm_rise = 1.0
         if self._full(self._loss) and self.last_loss_z > self.zscore:
             loss_rise = math.exp(self._loss.rise())
+            if not self._undoes_progress(loss_rise):
+                loss_rise = 1.0
         has_loss = bool(self._loss.values)
         loss_not_falling = not has_loss or (
             self._full(self._loss) and self.last_loss_z > -self.zscore / 2
         )
-        if self._full(self._norm) and self.last_norm_z > self.zscore and loss_not_falling:
+        # Only a norm that climbs above where training started: one that fell 1000x (a loss
+        # near 0) wanders by large factors at no risk.
+        if (
+            self._full(self._norm)
+            and self.last_norm_z > self.zscore
+            and loss_not_falling
+            and _recent(self._norm) >= median(sorted(self._norm_start))
+        ):
             norm_rise = math.exp(self._norm.rise())
         rising_loss = loss_rise >= self.loss_rise
         rising_norm = norm_rise >= self.norm_rise
@@ -187,10 +217,15 @@ class TrendDetector(Detector):
         return values
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss": list(self._loss.values), "norm": list(self._norm.values)}
+        return {
+            "loss": list(self._loss.values),
+            "norm": list(self._norm.values),
+            "loss_start": list(self._loss_start),
+            "norm_start": list(self._norm_start),
+        }
 
     def check_state(self, state: Mapping[str, Any]) -> None:
-        for key in ("loss", "norm"):
+        for key in ("loss", "norm", "loss_start", "norm_start"):
             values = state.get(key, [])
             if not isinstance(values, list) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
@@ -202,3 +237,5 @@ class TrendDetector(Detector):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._loss.load([float(v) for v in state.get("loss", [])][-self.window :])
         self._norm.load([float(v) for v in state.get("norm", [])][-self.window :])
+        self._loss_start = [float(v) for v in state.get("loss_start", [])][: self.window]
+        self._norm_start = [float(v) for v in state.get("norm_start", [])][: self.window]

@@ -121,7 +121,7 @@ class UpdateSpikeDetector(Detector):
             self._measure(next_step - 1)
         self._snapshot = None
         if next_step % k == 0:
-            params = [local_tensor(p).detach() for p in context.layout.params]
+            params = [local_tensor(p) for p in context.layout.params]
             with torch.no_grad():
                 self._snapshot = list(torch._foreach_mul(params, 1.0))
             self._snapshot_step = next_step
@@ -131,14 +131,15 @@ class UpdateSpikeDetector(Detector):
         """Per-layer ``||delta W|| / ||W||`` of ``step``, on the device, to the host later."""
         context, snapshot, index = self.context, self._snapshot, self._index
         assert context is not None and snapshot is not None and index is not None
-        params = [local_tensor(p).detach() for p in context.layout.params]
+        params = [local_tensor(p) for p in context.layout.params]
         if not params:
             return
         deltas = list(torch._foreach_sub(params, snapshot))
         num_layers = context.layout.num_layers
         squares = torch.zeros(2, num_layers, device=context.device, dtype=torch.float32)
         for row, tensors in enumerate((deltas, params)):
-            norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])
+            # One stack (dtypes promote), not one cast per tensor: the op count stays flat.
+            norms = torch.stack(torch._foreach_norm(tensors)).float()
             squares[row].index_add_(0, index, norms.square())
         norms = squares.sqrt()
         ratios = norms[0] / norms[1].clamp_min(1e-12)

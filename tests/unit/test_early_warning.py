@@ -112,6 +112,17 @@ def test_a_rising_gradient_norm_counts_only_while_the_loss_does_not_fall() -> No
     assert replay([gg.TrendDetector()], [None] * 60, rising)
 
 
+def test_near_zero_loss_and_a_collapsed_norm_may_wander() -> None:
+    # A memorised batch: the loss fell from 2.3 to ~1e-6 and the norm from 1 to ~1e-4;
+    # there both double or grow 20x over a window, steadily, at no risk to the run.
+    start = 24
+    losses = [2.3] * start + [1e-6 * 1.05**t for t in range(60)]
+    norms = [1.0] * start + [1e-4 * 1.06**t for t in range(60)]
+    assert replay([gg.TrendDetector()], losses, norms) == []
+    # The same climbs from where training started are divergences.
+    assert replay([gg.TrendDetector()], [2.3 * 1.05**t for t in range(60)], [1.0] * 60)
+
+
 def test_trend_detector_rejects_bad_arguments() -> None:
     with pytest.raises(gg.ConfigurationError, match="window"):
         gg.TrendDetector(window=4)
