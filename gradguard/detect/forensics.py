@@ -319,8 +319,11 @@ class NonfiniteForensics(Detector):
         self._trigger = trigger
         for name, module in context.model.named_modules():
             own = module.__dict__.get("forward")
-            # An instance attribute shadows the class's forward for nn.Module.__call__.
-            module.forward = self._wrap(module, name, module.forward)
+            try:
+                # An instance attribute shadows the class's forward for nn.Module.__call__.
+                module.forward = self._wrap(module, name, module.forward)
+            except (AttributeError, RuntimeError, TypeError):
+                continue  # a ScriptModule and the like: its calls are still traced as ops
             self._wrapped.append((module, own))
 
     def _wrap(
