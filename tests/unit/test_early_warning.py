@@ -15,6 +15,7 @@ import gradguard as gg
 from gradguard.detect.trend import MannKendall
 from tests.models import digits, mlp
 from tests.replay import context, replay
+from tests.syncs import count_syncs
 
 # ---------------------------------------------------------------------------- spikes
 
@@ -197,3 +198,39 @@ def test_update_detector_rejects_bad_arguments() -> None:
         gg.UpdateSpikeDetector(every_n_steps=0)
     with pytest.raises(gg.ConfigurationError, match="alpha"):
         gg.UpdateSpikeDetector(alpha=1.0)
+
+
+# ---------------------------------------------------------------------------- no sync
+
+
+def test_stability_detectors_add_no_sync_with_the_loss_fed() -> None:
+    """The loss travels in the packet, the detectors read host numbers; the per-step update
+    ratios reach the host like the packet: a non-logging step still adds no sync."""
+    torch.manual_seed(0)
+    model = mlp([8, 32, 32, 4])
+    opt = torch.optim.Adam(model.parameters())
+    x = torch.randn(16, 8)
+
+    def step(guard: gg.GradGuard | None) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).square().mean()
+        if guard is not None:
+            guard.observe_loss(loss)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step(None)
+    with count_syncs() as bare:
+        step(None)
+    detectors = [
+        *(d for d in gg.default_detectors() if not isinstance(d, gg.UpdateSpikeDetector)),
+        gg.UpdateSpikeDetector(every_n_steps=1),
+    ]
+    guard = gg.attach(model, opt, detectors=detectors, log_every_n_steps=1000)
+    for _ in range(40):  # past every warm-up: every detector scores
+        step(guard)
+    with count_syncs() as guarded:
+        step(guard)
+    guard.detach()
+    assert guarded.count - bare.count == 0
