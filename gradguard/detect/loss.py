@@ -13,7 +13,7 @@ import torch
 from .._debounce import Finding
 from .._errors import ConfigurationError, check_number, check_positive_int
 from .._stats import LOSS_ZSCORE, StepStats
-from ..report.advice import loss_spike_text
+from ..report.stability_advice import loss_spike_text
 from .base import Detector
 
 __all__ = ["LossScore", "LossSpikeDetector", "median"]

@@ -21,7 +21,7 @@ import torch
 from .._debounce import Finding
 from .._errors import ConfigurationError, check_number, check_positive_int
 from .._stats import TREND_LOSS, TREND_NORM, StepStats
-from ..report.advice import rising_text
+from ..report.stability_advice import rising_text
 from .base import Detector
 from .loss import median
 

@@ -37,7 +37,7 @@ from .._dist import local_tensor
 from .._errors import ConfigurationError, check_number, check_positive_int
 from .._packet import HostMirror
 from .._stats import UPDATE_ZSCORE, LoggedStats, StepStats
-from ..report.advice import update_spike_text
+from ..report.stability_advice import update_spike_text
 from .base import Detector, GuardContext
 
 __all__ = ["UpdateSpikeDetector"]
