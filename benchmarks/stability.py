@@ -33,19 +33,25 @@ the training loss of the batch of step ``t``, before that step's update):
   and including the first spike step: how loudly the gradient announced the spike.
 - **gradguard's first Event**: the step and kind of the first ``gg.Event`` of the run's
   guard. With ``--observe`` (the default) every configuration gets one guard in observe
-  mode, ``gg.attach(model, opt, log_every_n_steps=10, sinks=[])``; for the AutoClip and
-  ZClip configurations that guard also clips (``clip=...``: one guard per optimizer).
+  mode, ``gg.attach(model, opt, log_every_n_steps=10, sinks=[])`` (default detectors),
+  fed each step's loss with ``guard.observe_loss(loss)``; for the AutoClip and ZClip
+  configurations that guard also clips (``clip=...``: one guard per optimizer).
 - **lead time**: ``first spike step - first Event step``: positive means gradguard spoke
   before the loss spiked, 0 at the same step, negative after it. Runs without a spike have
   no lead time ("no spike"); runs that spiked with no Event at all are "missed".
 - **false alarm**: a run that neither spiked nor diverged, yet got an Event (healthy runs
   must stay silent at default settings, the rule of the test zoo).
+- **by Event kind**: the same lead time and false alarms, for the first Event of each kind
+  alone (all configurations and seeds of a rate together), so that each detector's
+  contribution shows.
 
 ``clip_grad_norm_`` runs in an optimizer step pre-hook registered after the guard's own: the
 update is the same as calling it just before ``optimizer.step()``, and the guard measures the
 gradient before clipping, as it does under its own clip strategies (called in the loop, it
 would show the guard norms capped at 1.0). Each step's total gradient norm before clipping
-is also recorded (``--json``), so a detector can be replayed offline on the same runs.
+and every layer's update/parameter ratio are also recorded (``--json``), so a detector can
+be replayed offline on the same runs (the ratios cost the benchmark a parameter copy per
+step; gradguard's default guard does not pay it).
 
 A new configuration (a "recovery ladder", say) is one entry in ``CONFIGS``: a function that
 receives the model, its optimizer and whether to observe, and returns an ``Attached``.
@@ -68,7 +74,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from stability_metrics import RunResult, render_runs, render_tables, runs_to_json, summarise_run
+from stability_metrics import (
+    RunResult,
+    render_kind_tables,
+    render_runs,
+    render_tables,
+    runs_to_json,
+    summarise_run,
+)
 from tinygpt import Corpus, ModelConfig, TinyGPT, batch_offsets, lm_loss, make_optimizer, windows
 from torch import nn
 
@@ -233,20 +246,27 @@ def train_run(
     warmup = max(1, settings.warmup_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     attached = CONFIGS[config].setup(model, optimizer, settings.observe)
+    guard = attached.guard
+    layers = update_layers(model)
     losses: list[float] = []
     grad_norms: list[float] = []
+    update_ratios: list[list[float]] = []
     val_losses = [(0, seeded.initial_val_loss)]
     try:
         for step in range(settings.steps):
             x, y = windows(corpus.train, seeded.offsets[step], settings.model.context)
             loss = lm_loss(model, x, y)
+            if guard is not None:
+                guard.observe_loss(loss)  # the loss-aware detectors read it (no sync)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             grads = [p.grad for p in params if p.grad is not None]
             grad_norms.append(torch.nn.utils.get_total_norm(grads).item())
             if attached.before_step is not None:
                 attached.before_step()
+            before = [torch._foreach_mul(list(group), 1.0) for _, group in layers]
             optimizer.step()
+            update_ratios.append(_update_ratios(layers, before))
             schedule.step()
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
@@ -256,7 +276,6 @@ def train_run(
         final_val = evaluate(model, validation.final)
     finally:
         attached.teardown()  # detach() drains the guard's last flags into Events
-    guard = attached.guard
     events = None
     if guard is not None:
         events = [{"step": e.step, "kind": e.kind, "message": e.message} for e in guard.events]
@@ -266,12 +285,38 @@ def train_run(
         seed=seeded.seed,
         train_losses=losses,
         grad_norms=grad_norms,
+        update_ratios=update_ratios,
+        layers=[name for name, _ in layers],
         val_losses=val_losses,
         final_val_loss=final_val,
         target_val_loss=settings.target_val_loss,
         events=events,
         seconds=time.perf_counter() - started,
     )
+
+
+def update_layers(model: nn.Module) -> list[tuple[str, list[torch.Tensor]]]:
+    """The modules that own parameters directly (gradguard's layers), with their parameters."""
+    layers = []
+    for name, module in model.named_modules():
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if params:
+            layers.append((name or "root", params))
+    return layers
+
+
+@torch.no_grad()
+def _update_ratios(
+    layers: Sequence[tuple[str, list[torch.Tensor]]], before: Sequence[list[torch.Tensor]]
+) -> list[float]:
+    """``||update|| / ||param||`` per layer for the step just taken (recorded for offline
+    replay of update-based detectors; the benchmark's own cost, not gradguard's)."""
+    ratios = []
+    for (_, params), old in zip(layers, before):
+        update = torch.stack(torch._foreach_norm(torch._foreach_sub(params, old))).norm()
+        weight = torch.stack(torch._foreach_norm(params)).norm()
+        ratios.append(float(update / weight.clamp_min(1e-12)))
+    return ratios
 
 
 # ---------------------------------------------------------------------------- the sweep
@@ -392,6 +437,7 @@ def render_markdown(
             describe_setup(settings, seeds),
             "",
             render_tables(results, labels, lrs),
+            render_kind_tables(results, gg.EVENT_KINDS, lrs),
             "## Every run",
             "",
             render_runs(results),

@@ -22,6 +22,7 @@ __all__ = [
     "RunResult",
     "grad_jump_before",
     "loss_spikes",
+    "render_kind_tables",
     "render_runs",
     "render_tables",
     "runs_to_json",
@@ -57,11 +58,17 @@ class RunResult:
     seconds: float
     train_losses: list[float] = field(repr=False)
     grad_norms: list[float] = field(repr=False)
+    update_ratios: list[list[float]] = field(repr=False)
+    layers: list[str] = field(repr=False)
     val_losses: list[tuple[int, float]] = field(repr=False)
 
     @property
     def spikes(self) -> int:
         return len(self.spike_steps)
+
+    def first_event_of(self, kind: str) -> int | None:
+        """The step of the run's first Event of ``kind`` (None: no such Event)."""
+        return next((int(e["step"]) for e in self.events if e["kind"] == kind), None)
 
     @property
     def healthy(self) -> bool:
@@ -112,6 +119,8 @@ def summarise_run(
     target_val_loss: float,
     events: list[dict[str, Any]] | None,
     seconds: float,
+    update_ratios: list[list[float]] | None = None,
+    layers: list[str] | None = None,
 ) -> RunResult:
     """The metrics of one run. ``val_losses`` starts with the initial weights' loss at step
     0 (on the final, larger validation set); ``events`` is ``None`` when no guard watched."""
@@ -150,12 +159,19 @@ def summarise_run(
         seconds=seconds,
         train_losses=[_rounded(v) for v in train_losses],
         grad_norms=[_rounded(v) for v in grad_norms],
+        update_ratios=[[_significant(v) for v in row] for row in update_ratios or []],
+        layers=list(layers or []),
         val_losses=[(step, _rounded(v)) for step, v in val_losses],
     )
 
 
 def _rounded(value: float) -> float:
     return round(value, 5) if math.isfinite(value) else value
+
+
+def _significant(value: float) -> float:
+    """Four significant digits: update ratios span orders of magnitude."""
+    return float(f"{value:.4g}")
 
 
 # ---------------------------------------------------------------------------- table cells
@@ -252,6 +268,67 @@ TABLES: list[tuple[str, str, Cell]] = [
         _alarm_cell,
     ),
 ]
+
+
+# ---------------------------------------------------------------------------- by Event kind
+
+
+def _kind_lead_cell(runs: list[RunResult], kind: str) -> str:
+    """Median lead time of the first Event of ``kind``, over the runs that spiked."""
+    spiked = [r for r in runs if r.observed and r.first_spike_step is not None]
+    if not spiked:
+        return "no spike"
+    leads = [
+        r.first_spike_step - step
+        for r in spiked
+        if r.first_spike_step is not None and (step := r.first_event_of(kind)) is not None
+    ]
+    if not leads:
+        return f"0/{len(spiked)}"
+    return f"{statistics.median(leads):+.0f} ({len(leads)}/{len(spiked)})"
+
+
+def _kind_alarm_cell(runs: list[RunResult], kind: str) -> str:
+    healthy = [r for r in runs if r.observed and r.healthy]
+    if not healthy:
+        return "—"
+    return f"{sum(r.first_event_of(kind) is not None for r in healthy)}/{len(healthy)}"
+
+
+KIND_TABLES: list[tuple[str, str, Callable[[list[RunResult], str], str]]] = [
+    (
+        "Lead time by Event kind (median over the runs that spiked; detected/spiked)",
+        "first loss spike step - step of the first Event of that kind, every configuration "
+        "and seed of the rate together: + = before the spike, 0 = at it, - = after it",
+        _kind_lead_cell,
+    ),
+    (
+        "False alarms by Event kind: healthy runs with an Event of that kind / healthy runs",
+        "every configuration and seed of the rate together; healthy = no loss spike and not "
+        "diverged",
+        _kind_alarm_cell,
+    ),
+]
+
+
+def render_kind_tables(
+    results: Sequence[RunResult], kinds: Sequence[str], lrs: Sequence[float]
+) -> str:
+    """A row per Event kind seen (in ``kinds`` order, others after), a column per rate."""
+    seen = {e["kind"] for r in results for e in r.events}
+    rows = [k for k in kinds if k in seen] + sorted(seen - set(kinds))
+    header = "| Event kind | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |"
+    rule = "|---|" + "---:|" * len(lrs)
+    lines: list[str] = []
+    for title, note, cell in KIND_TABLES:
+        lines += [f"### {title}", "", f"({note})", "", header, rule]
+        for kind in rows:
+            cells = [cell([r for r in results if r.lr == lr], kind) for lr in lrs]
+            lines.append(f"| `{kind}` | " + " | ".join(cells) + " |")
+        if not rows:
+            lines.append("| (no Event) | " + " | ".join("–" for _ in lrs) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- rendering

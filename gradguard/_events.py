@@ -12,7 +12,11 @@ Severity = Literal["warning", "error"]
 # Detectors you write may use kinds of their own.
 EVENT_KINDS: tuple[str, ...] = (
     "nonfinite",
+    "nonfinite_source",
+    "loss_spike",
+    "divergence",
     "spike",
+    "update_spike",
     "vanishing",
     "exploding",
     "dead_units",

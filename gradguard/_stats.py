@@ -19,13 +19,19 @@ __all__ = [
     "DEAD_FRACTION",
     "GRAD_NORM",
     "LAYER_METRICS",
+    "LOSS_ZSCORE",
     "NONFINITE_STEPS",
     "PARAM_NORM",
     "SATURATION",
     "SCALAR_METRICS",
     "SKIPPED_STEPS",
+    "SPIKE_SCORE",
+    "SPIKE_SCORE_TOTAL",
     "SPIKE_ZSCORE",
+    "TREND_LOSS",
+    "TREND_NORM",
     "UPDATE_RATIO",
+    "UPDATE_ZSCORE",
     "LoggedStats",
     "StepStats",
 ]
@@ -45,6 +51,14 @@ CLIPPED_STEPS = "clip/clipped_steps"
 SPIKE_ZSCORE = "spike/zscore"
 SKIPPED_STEPS = "skipped_steps"
 NONFINITE_STEPS = "nonfinite_steps"
+# Training stability (``gradguard/stability/...``): loss spikes, OLMo 2's spike score,
+# steady rises, per-layer update spikes.
+LOSS_ZSCORE = "stability/loss_zscore"
+SPIKE_SCORE = "stability/spike_score"
+SPIKE_SCORE_TOTAL = "stability/spike_score_total"
+TREND_LOSS = "stability/loss_trend"
+TREND_NORM = "stability/grad_norm_trend"
+UPDATE_ZSCORE = "stability/update_zscore"
 SCALAR_METRICS: tuple[str, ...] = (
     CLIP_THRESHOLD,
     CLIP_COEF,
@@ -52,6 +66,12 @@ SCALAR_METRICS: tuple[str, ...] = (
     SPIKE_ZSCORE,
     SKIPPED_STEPS,
     NONFINITE_STEPS,
+    LOSS_ZSCORE,
+    SPIKE_SCORE,
+    SPIKE_SCORE_TOTAL,
+    TREND_LOSS,
+    TREND_NORM,
+    UPDATE_ZSCORE,
 )
 
 

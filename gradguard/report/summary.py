@@ -19,7 +19,11 @@ TOP_REMEDIES = 3
 
 KIND_LABELS = {
     "nonfinite": "NaN/Inf gradients",
+    "nonfinite_source": "where the NaN/Inf starts",
+    "loss_spike": "loss spikes",
+    "divergence": "steady rise (diverging)",
     "spike": "gradient spikes",
+    "update_spike": "update spikes",
     "vanishing": "vanishing gradients",
     "exploding": "exploding gradients",
     "dead_units": "dead units",

@@ -73,6 +73,20 @@ def test_small_rate_learns_and_absurd_rate_diverges(sweep: tuple[object, list[ob
         assert r.false_alarm == (r.healthy and bool(r.events))
 
 
+def test_the_loss_fed_guard_warns_no_later_than_the_spike(
+    sweep: tuple[object, list[object]],
+) -> None:
+    _, results = sweep
+    for r in results:
+        assert len(r.update_ratios) == len(r.train_losses)
+        assert len(r.update_ratios[0]) == len(r.layers) and "head" in r.layers
+        if r.lr == 3e-3:
+            assert r.events == [], r.events  # healthy: silent
+        else:
+            step = r.first_event_of("loss_spike")
+            assert step is not None and step <= r.first_spike_step, r.events
+
+
 def test_runs_of_a_seed_share_weights_and_batches(sweep: tuple[object, list[object]]) -> None:
     _, results = sweep
     assert len({r.initial_val_loss for r in results}) == 1
@@ -98,6 +112,9 @@ def test_report_has_a_row_per_configuration_and_a_column_per_rate(
     diverged = next(line for line in report.splitlines() if line.startswith("| no clipping |"))
     assert diverged == "| no clipping | 0/1 | 1/1 |"
     assert "torch threads" in report
+    by_kind = report.split("### Lead time by Event kind")[1].split("## Every run")[0]
+    assert "| `loss_spike` | no spike | +" in by_kind  # before the spike rule dates it
+    assert "| `loss_spike` | 0/4 | — |" in by_kind  # silent at the healthy rate
     every_run = report.split("## Every run")[1]
     assert sum(line.startswith("|") for line in every_run.splitlines()) == 2 + len(results)
 

@@ -47,6 +47,7 @@ def guard_for(
     kw.setdefault("activations", False)
     kw.setdefault("log_every_n_steps", 1)
     kw.setdefault("detectors", [])  # the depth-profile detectors are not under test here
+    kw.setdefault("on_spike", "ignore")  # the spikes below are deliberate: not under test
     guard = gg.attach(model, opt, clip=clip, sinks=[sink], **kw)  # type: ignore[arg-type]
     return guard, sink
 

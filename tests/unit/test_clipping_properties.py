@@ -70,7 +70,14 @@ def build(
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sink = gg.MemorySink()
     gg.attach(
-        model, opt, clip=clip, sinks=[sink], log_every_n_steps=1, activations=False, detectors=[]
+        model,
+        opt,
+        clip=clip,
+        sinks=[sink],
+        log_every_n_steps=1,
+        activations=False,
+        detectors=[],
+        on_spike="ignore",  # gradients of every scale on purpose: no spike warnings
     )
     return model, opt, sink
 

@@ -276,9 +276,12 @@ def test_nan_storm_is_debounced() -> None:
             one_step(model, opt, nan_in="0.weight")
     assert guard.skipped_steps == 250
     kinds = [e.kind for e in guard.events]
-    assert kinds == ["nonfinite"] * 3  # steps 0, 100, 200: one episode with reminders
-    assert "steps with NaN/Inf since the last report" in guard.events[1].message
-    assert len(record) == 3
+    # Steps 0, 100, 200: one episode with reminders; step 1's forward pass was traced once
+    # (the NaN is put into the gradient after backward, so the pass is finite).
+    assert kinds == ["nonfinite", "nonfinite_source", "nonfinite", "nonfinite"]
+    assert "every output was finite" in guard.events[1].message
+    assert "steps with NaN/Inf since the last report" in guard.events[2].message
+    assert len(record) == 4
 
 
 def _spiky_run(
@@ -421,7 +424,9 @@ def test_logging_sink_writes_debug_scalars_and_info_events(
     debug = [r for r in caplog.records if r.levelname == "DEBUG"]
     infos = [r for r in caplog.records if r.levelname == "INFO"]
     assert len(debug) == 3 and "gradguard/grad_norm_total=" in debug[0].getMessage()
-    assert len(infos) == 1 and "NaN/Inf" in infos[0].getMessage()
+    # The NaN, then what the traced forward pass of the next step found.
+    assert len(infos) == 2 and "NaN/Inf" in infos[0].getMessage()
+    assert "traced the forward pass of step 2" in infos[1].getMessage()
 
 
 def test_public_api_is_sorted_and_complete() -> None:
