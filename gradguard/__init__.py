@@ -34,7 +34,9 @@ from .detect import (
     Detector,
     GradientFlowDetector,
     GuardContext,
+    LearningRateDetector,
     SpikeDetector,
+    SymmetryDetector,
     default_detectors,
 )
 
@@ -59,6 +61,7 @@ __all__ = [
     "GradientFlowDetector",
     "GuardContext",
     "GuardOptions",
+    "LearningRateDetector",
     "LoggedStats",
     "LoggingSink",
     "MemorySink",
@@ -70,6 +73,7 @@ __all__ = [
     "StepDecision",
     "StepMetrics",
     "StepStats",
+    "SymmetryDetector",
     "ValueClip",
     "ZClip",
     "__version__",

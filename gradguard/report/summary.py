@@ -19,7 +19,11 @@ TOP_REMEDIES = 3
 
 KIND_LABELS = {
     "nonfinite": "NaN/Inf gradients",
+    "overflow_risk": "activations near the fp16 limit",
     "spike": "gradient spikes",
+    "symmetric_units": "symmetric units (constant init)",
+    "lr_too_high": "learning rate too high",
+    "input_scale": "badly scaled inputs",
     "vanishing": "vanishing gradients",
     "exploding": "exploding gradients",
     "dead_units": "dead units",
