@@ -147,7 +147,9 @@ class WindowRecorder:
         for tensor in tensors_in(output):
             if not tensor.is_floating_point() or tensor.numel() == 0 or is_dtensor(tensor):
                 continue
-            peak = torch.linalg.vector_norm(tensor.detach(), ord=math.inf).float()
+            # aminmax: one pass, ~10x faster on CPU than vector_norm(ord=inf).
+            low, high = torch.aminmax(tensor.detach())
+            peak = torch.maximum(high.float(), -low.float())
             stats = self._layer(name)
             # fmax: a NaN output (the non-finite detector's business) hides no earlier peak.
             stats.absmax = peak if stats.absmax is None else torch.fmax(stats.absmax, peak)
