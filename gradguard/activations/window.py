@@ -148,14 +148,14 @@ class WindowRecorder:
             if not tensor.is_floating_point() or tensor.numel() == 0 or is_dtensor(tensor):
                 continue
             # aminmax: one pass, ~10x faster on CPU than vector_norm(ord=inf).
-            low, high = torch.aminmax(tensor.detach())
-            peak = torch.maximum(high.float(), -low.float())
+            smallest, largest = torch.aminmax(tensor.detach())
+            peak = torch.maximum(largest.float(), -smallest.float())
             stats = self._layer(name)
             # fmax: a NaN output (the non-finite detector's business) hides no earlier peak.
             stats.absmax = peak if stats.absmax is None else torch.fmax(stats.absmax, peak)
             if tensor.dtype in (torch.float16, torch.bfloat16):
-                low = stats.low_absmax
-                stats.low_absmax = peak if low is None else torch.fmax(low, peak)
+                before = stats.low_absmax
+                stats.low_absmax = peak if before is None else torch.fmax(before, peak)
                 if stats.low_dtype is None or tensor.dtype == torch.float16:
                     stats.low_dtype = tensor.dtype
 
