@@ -270,6 +270,7 @@ class LearningRateDetector(Detector):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """What a resume needs: the reference weights, the losses, the ratio streak and peak."""
         return {
             "first_step": self._first_step,
             "first_norms": dict(self._first_norms),
@@ -289,6 +290,7 @@ class LearningRateDetector(Detector):
             )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a ``state_dict`` (checked first by ``check_state``)."""
         self._reset()
 
         def optional_int(key: str) -> int | None:

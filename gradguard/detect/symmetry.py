@@ -211,6 +211,7 @@ class SymmetryDetector(Detector):
         ]
 
     def state_dict(self) -> dict[str, Any]:
+        """What a resume needs: the checks done and the symmetric streak per layer."""
         return {"checked": dict(self._checked), "streak": dict(self._streak)}
 
     def check_state(self, state: Mapping[str, Any]) -> None:
@@ -221,5 +222,6 @@ class SymmetryDetector(Detector):
                 )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a ``state_dict`` (checked first by ``check_state``)."""
         self._checked = {str(k): int(v) for k, v in state.get("checked", {}).items()}
         self._streak = {str(k): int(v) for k, v in state.get("streak", {}).items()}

@@ -53,10 +53,10 @@ def symmetric_units_text(
         parts.append(f"'{name}' ({units} units, {how})")
     more = len(layers) - 3
     message = (
-        "Symmetric units: every unit of "
+        "Symmetric units: every unit has the same incoming weights in "
         + "; ".join(parts)
         + (f" and {more} more layers" if more > 0 else "")
-        + f" has the same incoming weights, on {checks} checks up to step {last_step}. "
+        + f", on {checks} checks up to step {last_step}. "
         "Identical units compute the same function and receive the same gradient, so they "
         "stay identical: each such layer acts as a single unit."
     )
