@@ -12,6 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .causes import grew_from_lr, saturation_slope
+from .words import fmt, times
+from .words import names as _names
+
 __all__ = [
     "ModelTraits",
     "dead_units_text",
@@ -54,71 +58,6 @@ class ModelTraits:
     growth: float | None = None
     growth_steps: int | None = None
     inputs: str | None = None
-
-
-# Weights that doubled since the first check point at the learning rate, not the init (the
-# healthy zoo grows at most 1.6x in 200 steps; Adam at lr 0.05 on tanh MLPs 2.5-8x).
-GROWTH_FROM_LR = 2.0
-
-
-def saturation_slope(kinds: Sequence[str]) -> str:
-    """The slope fact that fits the saturating activations named in ``kinds``."""
-    names = " ".join(kinds).lower()
-    sigmoid = "sigmoid" in names
-    tanh = "tanh" in names or "softsign" in names
-    if sigmoid and not tanh:
-        return "sigmoid's slope is at most 1/4"
-    if tanh and not sigmoid:
-        return "tanh's slope is at most 1, and near 0 once its units saturate"
-    return "sigmoid's slope is at most 1/4, tanh's at most 1 and near 0 when saturated"
-
-
-def grew_from_lr(
-    growth: float | None, growth_steps: int | None, *, layer: str | None = None, note: str = ""
-) -> str | None:
-    """The learning-rate explanation when the weights (of ``layer``, or of the reported
-    layers) grew ``GROWTH_FROM_LR`` times or more; ``note``: a remark after the growth."""
-    if growth is None or growth < GROWTH_FROM_LR:
-        return None
-    steps = f" in {growth_steps} steps" if growth_steps else ""
-    whose = f"the weights of '{layer}'" if layer else "the weights"
-    return (
-        f"{whose} grew {growth:.1f}x{steps}{note}, so the learning rate is too high "
-        "(see the lr_too_high Event): lower it (aim for update/weight ratios near 1e-3) and "
-        "add warm-up"
-    )
-
-
-def fmt(value: float) -> str:
-    """A norm or ratio in 2-3 significant digits: ``0.52``, ``6.3e-09``, ``1.2e+05``."""
-    if value != value:
-        return "nan"
-    if value in (float("inf"), float("-inf")):
-        return "inf" if value > 0 else "-inf"
-    if value == 0:
-        return "0"
-    if 100 <= abs(value) < 1e4:
-        return f"{value:.0f}"
-    if 1e-3 <= abs(value) < 100:
-        return f"{value:.3g}"
-    return f"{value:.1e}"
-
-
-def times(ratio: float) -> str:
-    """A factor for prose: ``120x``, ``3,100x``, ``10^7.9x``."""
-    if not ratio > 0 or ratio in (float("inf"),):
-        return "inf-x"
-    if ratio < 10:
-        return f"{ratio:.1f}x"
-    if ratio < 1e5:
-        return f"{ratio:,.0f}x"
-    return f"10^{math.log10(ratio):.1f}x"
-
-
-def _names(layers: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(f"'{name}'" for name in layers[:limit])
-    more = len(layers) - limit
-    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def nonfinite_text(

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .advice import fmt, times
+from .words import fmt, names, times
 
 __all__ = [
+    "GROWTH_FROM_LR",
     "INPUT_RMS_LIMIT",
     "INPUT_SPREAD_LIMIT",
     "TYPICAL_UPDATE_RATIO",
+    "grew_from_lr",
     "input_scale_text",
     "inputs_remedy",
     "lr_too_high_text",
     "overflow_risk_text",
+    "saturation_slope",
     "symmetric_units_text",
 ]
 
@@ -26,15 +29,41 @@ __all__ = [
 TYPICAL_UPDATE_RATIO = 1e-3
 # Inputs count as badly scaled from these on (``ActivationMonitor``'s defaults): an RMS of 10
 # (standardised inputs: ~1; digits as 0-255 bytes: ~100), or per-feature scales whose 90th
-# and 10th percentiles differ 100x (standardised digits, one window: 1.4-7, see the monitor).
+# and 10th percentiles differ 100x (standardised digits, one window: 1.3-4.4, see the monitor).
 INPUT_RMS_LIMIT = 10.0
 INPUT_SPREAD_LIMIT = 100.0
 
+# Weights that doubled since the first check point at the learning rate, not the init (the
+# healthy zoo grows at most 1.7x in 200 steps; Adam at lr 0.05 on tanh MLPs 2.5-8x).
+GROWTH_FROM_LR = 2.0
 
-def _names(layers: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(f"'{name}'" for name in layers[:limit])
-    more = len(layers) - limit
-    return shown + (f" and {more} more" if more > 0 else "")
+
+def saturation_slope(kinds: Sequence[str]) -> str:
+    """The slope fact that fits the saturating activations named in ``kinds``."""
+    text = " ".join(kinds).lower()
+    sigmoid = "sigmoid" in text
+    tanh = "tanh" in text or "softsign" in text
+    if sigmoid and not tanh:
+        return "sigmoid's slope is at most 1/4"
+    if tanh and not sigmoid:
+        return "tanh's slope is at most 1, and near 0 once its units saturate"
+    return "sigmoid's slope is at most 1/4, tanh's at most 1 and near 0 when saturated"
+
+
+def grew_from_lr(
+    growth: float | None, growth_steps: int | None, *, layer: str | None = None, note: str = ""
+) -> str | None:
+    """The learning-rate explanation when the weights (of ``layer``, or of the reported
+    layers) grew ``GROWTH_FROM_LR`` times or more; ``note``: a remark after the growth."""
+    if growth is None or growth < GROWTH_FROM_LR:
+        return None
+    steps = f" in {growth_steps} steps" if growth_steps else ""
+    whose = f"the weights of '{layer}'" if layer else "the weights"
+    return (
+        f"{whose} grew {growth:.1f}x{steps}{note}, so the learning rate is too high "
+        "(see the lr_too_high Event): lower it (aim for update/weight ratios near 1e-3) and "
+        "add warm-up"
+    )
 
 
 def symmetric_units_text(
@@ -202,7 +231,7 @@ def overflow_risk_text(
     fp16 = any(dtype == "float16" for _, _, dtype, _ in layers)
     advice = (
         "an overflow to Inf (then NaN) is close: train in bf16 (float32's range) instead of fp16, "
-        f"or run {_names([n for n, *_ in layers], 1)} in float32 (torch.autocast(enabled=False) "
+        f"or run {names([n for n, *_ in layers], 1)} in float32 (torch.autocast(enabled=False) "
         "around it); keep activations small with LayerNorm or a lower learning rate."
         if fp16
         else "an overflow to Inf is close: run this layer in float32, and keep activations "
