@@ -77,7 +77,7 @@ class ActivationMonitor(Detector):
             low tail), 21 at most on one batch of 64.
         headroom: a layer whose float16 (or bfloat16) outputs reach this fraction of the
             dtype's largest finite value (float16: 65,504) raises ``overflow_risk`` (default
-            0.9). The healthy zoo's largest activation is 57, in float32; an fp16 overflow
+            0.9). The healthy zoo's largest activation is 35, in float32; an fp16 overflow
             turns into Inf, then NaN.
 
     The statistics stay on the device and reach the host with the guard's one bulk copy on
