@@ -13,11 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
+    "ACT_ABSMAX",
     "CLIP_COEF",
     "CLIP_THRESHOLD",
     "CLIPPED_STEPS",
     "DEAD_FRACTION",
     "GRAD_NORM",
+    "INPUT_MEAN",
+    "INPUT_RMS",
+    "INPUT_SPREAD",
+    "INPUT_STD",
     "LAYER_METRICS",
     "LOSS_ZSCORE",
     "NONFINITE_STEPS",
@@ -30,6 +35,7 @@ __all__ = [
     "SPIKE_ZSCORE",
     "TREND_LOSS",
     "TREND_NORM",
+    "UNIT_SPREAD",
     "UPDATE_RATIO",
     "UPDATE_ZSCORE",
     "LoggedStats",
@@ -42,7 +48,11 @@ PARAM_NORM = "param_norm"
 UPDATE_RATIO = "update_ratio"
 DEAD_FRACTION = "dead_fraction"
 SATURATION = "saturation"
-LAYER_METRICS: tuple[str, ...] = (GRAD_NORM, PARAM_NORM, UPDATE_RATIO, DEAD_FRACTION, SATURATION)
+ACT_ABSMAX = "act_absmax"  # largest |output| of the layer over a sampled window
+UNIT_SPREAD = "unit_spread"  # how much the layer's units (weight rows) differ; 0: all identical
+LAYER_METRICS: tuple[str, ...] = (
+    GRAD_NORM, PARAM_NORM, UPDATE_RATIO, DEAD_FRACTION, SATURATION, ACT_ABSMAX, UNIT_SPREAD
+)  # fmt: skip
 
 # Scalar metrics (the total gradient norm has a key of its own, ``grad_norm_total``).
 CLIP_THRESHOLD = "clip/threshold"
@@ -59,6 +69,12 @@ SPIKE_SCORE_TOTAL = "stability/spike_score_total"
 TREND_LOSS = "stability/loss_trend"
 TREND_NORM = "stability/grad_norm_trend"
 UPDATE_ZSCORE = "stability/update_zscore"
+# The first layer's inputs over a sampled window (activation monitor): overall mean, std and
+# RMS, and how much the features' scales differ (90th / 10th percentile of their RMS).
+INPUT_MEAN = "input/mean"
+INPUT_STD = "input/std"
+INPUT_RMS = "input/rms"
+INPUT_SPREAD = "input/feature_spread"
 SCALAR_METRICS: tuple[str, ...] = (
     CLIP_THRESHOLD,
     CLIP_COEF,
@@ -72,6 +88,10 @@ SCALAR_METRICS: tuple[str, ...] = (
     TREND_LOSS,
     TREND_NORM,
     UPDATE_ZSCORE,
+    INPUT_MEAN,
+    INPUT_STD,
+    INPUT_RMS,
+    INPUT_SPREAD,
 )
 
 

@@ -6,9 +6,11 @@ from .base import Detector, GuardContext
 from .flow import GradientFlowDetector
 from .forensics import NonfiniteForensics
 from .loss import LossSpikeDetector
+from .lr import LearningRateDetector
 from .nonfinite import NonfiniteDetector
 from .score import StabilityScore
 from .spike import SpikeDetector
+from .symmetry import SymmetryDetector
 from .trend import TrendDetector
 from .updates import UpdateSpikeDetector
 
@@ -16,11 +18,13 @@ __all__ = [
     "Detector",
     "GradientFlowDetector",
     "GuardContext",
+    "LearningRateDetector",
     "LossSpikeDetector",
     "NonfiniteDetector",
     "NonfiniteForensics",
     "SpikeDetector",
     "StabilityScore",
+    "SymmetryDetector",
     "TrendDetector",
     "UpdateSpikeDetector",
     "default_detectors",
@@ -29,9 +33,18 @@ __all__ = [
 
 def default_detectors() -> list[Detector]:
     """The detectors a guard runs unless given ``detectors=`` (besides the always-on
-    NaN/Inf and spike detectors and the activation monitor, which have knobs of their own)."""
+    NaN/Inf and spike detectors and the activation monitor, which have knobs of their own).
+
+    All are on because they are cheap and silent on the healthy zoo: the gradient-flow,
+    learning-rate, loss-spike and trend detectors and the stability score read only host
+    numbers; the symmetry detector adds a few small kernels per layer on the first three
+    logging steps, then nothing; the update-spike detector reads the logging step's update
+    ratios; the NaN forensics do nothing until a NaN/Inf gradient is seen.
+    """
     return [
         GradientFlowDetector(),
+        SymmetryDetector(),
+        LearningRateDetector(),
         LossSpikeDetector(),
         TrendDetector(),
         UpdateSpikeDetector(),
