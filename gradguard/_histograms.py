@@ -37,7 +37,7 @@ __all__ = ["Histograms"]
 
 HistogramLog = Literal["gradients", "parameters", "all"]
 _CHUNK = 1 << 22  # entries per histc call: float32 counts stay exact, scratch memory small
-_MAX_BINS = 1024
+_MAX_BINS = 512  # W&B draws at most 512 bins
 
 
 def _patterns(name: str, value: Any) -> tuple[str, ...]:

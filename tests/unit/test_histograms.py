@@ -162,6 +162,7 @@ def test_histograms_add_no_host_read_to_a_logging_step() -> None:
 def test_histograms_serve_one_guard() -> None:
     hists = gg.Histograms()
     model, other = nn.Linear(2, 2), nn.Linear(2, 2)
-    with gg.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), histograms=hists):
-        with pytest.raises(gg.ConfigurationError, match="another GradGuard"):
-            gg.attach(other, torch.optim.SGD(other.parameters(), lr=0.1), histograms=hists)
+    first = gg.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), histograms=hists)
+    with pytest.raises(gg.ConfigurationError, match="another GradGuard"):
+        gg.attach(other, torch.optim.SGD(other.parameters(), lr=0.1), histograms=hists)
+    first.detach()
