@@ -58,7 +58,7 @@ def load_digits_split(test_fraction: float = 0.2) -> Digits:
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise MissingDependencyError("scikit-learn", "dev") from error
+        raise MissingDependencyError("scikit-learn", "demo") from error
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32)
     y = torch.tensor(data.target, dtype=torch.long)
