@@ -32,6 +32,9 @@ __all__ = ["FlowColumn", "FlowHistory", "render_heatmap", "save_heatmap_png"]
 _NO_GRAD = "#d4d4d4"
 _ZERO = "#000000"
 _CMAP = "viridis"
+# The colour scale spans at least this many decades, so that the ordinary ups and downs
+# of a healthy run stay in neighbouring colours and dark means orders of magnitude.
+_MIN_DECADES = 6
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,21 @@ def _short(name: str, width: int = 28) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
+def _step_ticks(steps: Sequence[int]) -> list[int]:
+    """Column indices to label: those nearest to round step numbers."""
+    from matplotlib.ticker import MaxNLocator
+
+    if len(steps) < 2:
+        return [0]
+    nice = MaxNLocator(nbins=7, integer=True).tick_values(steps[0], steps[-1])
+    chosen = {
+        min(range(len(steps)), key=lambda i: abs(steps[i] - value))
+        for value in nice
+        if steps[0] <= value <= steps[-1]
+    }
+    return sorted(chosen)
+
+
 def _figure(columns: Sequence[FlowColumn]) -> Any:
     """A matplotlib ``Figure`` (Agg canvas attached) of the heatmap."""
     require("matplotlib", "tensorboard")
@@ -164,8 +182,7 @@ def _figure(columns: Sequence[FlowColumn]) -> Any:
     finite = logs[marks == 0]
     low = math.floor(float(finite.min())) if finite.size else -1.0
     high = math.ceil(float(finite.max())) if finite.size else 0.0
-    if high <= low:
-        high = low + 1.0
+    low = min(low, high - _MIN_DECADES)
     norm = Normalize(vmin=low, vmax=high)
     cmap = colormaps[_CMAP]
     rgba = cmap(norm(np.nan_to_num(logs, nan=low)))
@@ -178,7 +195,13 @@ def _figure(columns: Sequence[FlowColumn]) -> Any:
     longest = max((len(label) for label in labels), default=1)
     left_in = 0.55 + 0.068 * longest
     plot_h = min(7.5, max(2.2, 0.17 * n_rows))
-    top_in, bottom_in = 0.45, 0.8
+    legend = ((2, _BAD, "NaN/Inf"), (1, _NO_GRAD, "no gradient"), (3, _ZERO, "exactly 0"))
+    shown = [
+        Patch(facecolor=color, edgecolor="#666666", label=label)
+        for code, color, label in legend
+        if (marks == code).any()
+    ]
+    top_in, bottom_in = 0.45, 0.8 if shown else 0.55
     width, height = 8.0, plot_h + top_in + bottom_in
     fig = Figure(figsize=(width, height), dpi=90)
     FigureCanvasAgg(fig)
@@ -191,7 +214,7 @@ def _figure(columns: Sequence[FlowColumn]) -> Any:
     ax.set_yticks(range(0, n_rows, every))
     ax.set_yticklabels(labels, fontsize=7 if n_rows > 12 else 8)
     ax.set_ylabel("layer (input at the top)", fontsize=8)
-    ticks = sorted({round(k * (n_cols - 1) / 6) for k in range(7)}) if n_cols > 1 else [0]
+    ticks = _step_ticks([column.step for column in columns])
     ax.set_xticks(ticks)
     ax.set_xticklabels([str(columns[k].step) for k in ticks], fontsize=8)
     ax.set_xlabel("step", fontsize=8)
