@@ -12,9 +12,10 @@ whose mass sits many decades below the others; a histogram of raw values shows a
 at 0 for all of them. Exact zeros and NaN/Inf entries have no logarithm: they are
 counted apart (``Histogram.zeros``, ``Histogram.nonfinite``).
 
-What it costs: a few elementwise kernels and one ``torch.histc`` per parameter tensor,
-in chunks of 4M entries (so the extra memory stays under ~40 MB however large a
-tensor is), on the steps that draw; nothing on any other step.
+What it costs: five elementwise passes and one ``torch.histc`` per parameter tensor, in
+chunks of 4M entries (so the scratch memory stays at 16 MB however large a tensor is),
+on the steps that make histograms; nothing on any other step, and no host read (the
+counts join the logging step's bulk copy).
 """
 
 from __future__ import annotations
@@ -185,20 +186,26 @@ class Histograms(Detector):
         dtype = torch.float32 if device.type == "mps" else torch.float64
         rows = torch.full((layout.num_layers, bins + 4), math.nan, device=device, dtype=dtype)
         wanted = set(selected)
-        started: set[int] = set()
+        entries: dict[int, int] = {}
         for tensor, layer in zip(tensors, layout.param_layer):
             if tensor is None or layer not in wanted:
                 continue
             row = rows[layer]
-            if layer not in started:  # fills with Python numbers: no host read
-                started.add(layer)
+            if layer not in entries:  # fills with Python numbers: no host read
+                entries[layer] = 0
                 row[0], row[1] = low, high
                 row[2:].zero_()
-            self._count(local_tensor(tensor.detach()), row[2:])
+            entries[layer] += self._count(local_tensor(tensor.detach()), row[2:])
+        for layer, count in entries.items():
+            # What is neither binned nor zero is NaN/Inf.
+            counts = rows[layer, 2:]
+            counts[bins + 1] = count
+            counts[bins + 1] -= counts[: bins + 1].sum()
         return rows
 
-    def _count(self, tensor: torch.Tensor, counts: torch.Tensor) -> None:
-        """Add ``tensor``'s entries to ``counts`` = ``[bin counts..., zeros, nonfinite]``."""
+    def _count(self, tensor: torch.Tensor, counts: torch.Tensor) -> int:
+        """Add ``tensor``'s entries to ``counts[:bins]`` (binned) and ``counts[bins]``
+        (exact zeros); return how many entries it has."""
         if tensor.is_sparse:
             tensor = tensor.coalesce().values()
         bins = self.bins
@@ -206,16 +213,14 @@ class Histograms(Detector):
         flat = tensor.reshape(-1)
         for start in range(0, flat.numel(), _CHUNK):
             part = flat[start : start + _CHUNK]
-            magnitude = part.abs().float()  # complex entries: their modulus
-            logs = torch.log10(magnitude)
-            finite = torch.isfinite(logs)  # False for 0 (-inf), Inf and NaN
-            zeros = (magnitude == 0).sum()
-            counts[bins] += zeros
-            counts[bins + 1] += part.numel() - finite.sum() - zeros
-            # Out-of-range entries go to the edge bins; the unbinnable ones below the range,
-            # where histc ignores them.
-            logs.clamp_(low, high).masked_fill_(~finite, low - 1.0)
+            logs = part.abs().float()  # complex entries: their modulus
+            logs.log10_()  # 0 -> -Inf; Inf and NaN stay
+            # Zeros and NaN/Inf become NaN, which histc leaves out; the finite entries
+            # outside the range go to the edge bins. (In place: one scratch tensor.)
+            logs.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan).clamp_(low, high)
             counts[:bins] += torch.histc(logs, bins=bins, min=low, max=high)
+            counts[bins] += part.numel() - torch.count_nonzero(part)  # NaN is not zero
+        return flat.numel()
 
     def __repr__(self) -> str:
         parts = [f"every_n_logs={self.every_n_logs}", f"bins={self.bins}", f"log={self.log!r}"]
