@@ -12,10 +12,11 @@ whose mass sits many decades below the others; a histogram of raw values shows a
 at 0 for all of them. Exact zeros and NaN/Inf entries have no logarithm: they are
 counted apart (``Histogram.zeros``, ``Histogram.nonfinite``).
 
-What it costs: five elementwise passes and one ``torch.histc`` per parameter tensor, in
-chunks of 4M entries (so the scratch memory stays at 16 MB however large a tensor is),
-on the steps that make histograms; nothing on any other step, and no host read (the
-counts join the logging step's bulk copy).
+What it costs: four elementwise passes (in place on one scratch copy), a count of the
+zeros and one ``torch.histc`` per parameter tensor, in chunks of 4M entries (so the
+scratch memory stays at 16 MB however large a tensor is), on the steps that make
+histograms; nothing on any other step, and no host read (the counts join the logging
+step's bulk copy).
 """
 
 from __future__ import annotations
