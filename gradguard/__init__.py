@@ -24,10 +24,11 @@ from ._errors import (
 )
 from ._events import EVENT_KINDS, Event
 from ._guard import GradGuard, attach
+from ._histograms import Histograms
 from ._keys import MetricKeys, StepMetrics
 from ._policy import StepDecision
 from ._sinks import LoggingSink, MemorySink, Sink
-from ._stats import LoggedStats, StepStats
+from ._stats import Histogram, LoggedStats, StepStats
 from .activations import ActivationMonitor
 from .clip import AGC, AutoClip, ClipContext, ClipResult, ClipStrategy, NormClip, ValueClip, ZClip
 from .detect import (
@@ -66,6 +67,8 @@ __all__ = [
     "GradientFlowDetector",
     "GuardContext",
     "GuardOptions",
+    "Histogram",
+    "Histograms",
     "LearningRateDetector",
     "LoggedStats",
     "LoggingSink",

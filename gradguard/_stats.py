@@ -9,7 +9,7 @@ Nothing here formats a metric key: that is ``_keys.py``'s job.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -18,14 +18,17 @@ __all__ = [
     "CLIP_THRESHOLD",
     "CLIPPED_STEPS",
     "DEAD_FRACTION",
+    "GRAD_HISTOGRAM",
     "GRAD_NORM",
     "INPUT_MEAN",
     "INPUT_RMS",
     "INPUT_SPREAD",
     "INPUT_STD",
+    "HISTOGRAM_METRICS",
     "LAYER_METRICS",
     "LOSS_ZSCORE",
     "NONFINITE_STEPS",
+    "PARAM_HISTOGRAM",
     "PARAM_NORM",
     "SATURATION",
     "SCALAR_METRICS",
@@ -38,8 +41,10 @@ __all__ = [
     "UNIT_SPREAD",
     "UPDATE_RATIO",
     "UPDATE_ZSCORE",
+    "Histogram",
     "LoggedStats",
     "StepStats",
+    "unpack_histograms",
 ]
 
 # Per-layer metrics, in the order the sinks receive them.
@@ -94,6 +99,11 @@ SCALAR_METRICS: tuple[str, ...] = (
     INPUT_SPREAD,
 )
 
+# Per-layer histograms (``gg.Histograms``): of log10 |gradient| and log10 |parameter|.
+GRAD_HISTOGRAM = "grad_histogram"
+PARAM_HISTOGRAM = "param_histogram"
+HISTOGRAM_METRICS: tuple[str, ...] = (GRAD_HISTOGRAM, PARAM_HISTOGRAM)
+
 
 @dataclass(slots=True)
 class StepStats:
@@ -132,6 +142,47 @@ class StepStats:
 
 
 @dataclass(frozen=True)
+class Histogram:
+    """One layer's entries binned by log10 of their magnitude, counted on the device.
+
+    ``edges`` are the ``len(counts) + 1`` bin edges in log10 units (``-6.0`` is 1e-6); the
+    first and last bins also hold the entries below and above that range. ``zeros``
+    counts entries that are exactly 0 and ``nonfinite`` the NaN/Inf ones: they have no
+    logarithm and are in no bin.
+    """
+
+    edges: tuple[float, ...]
+    counts: tuple[float, ...]
+    zeros: float = 0.0
+    nonfinite: float = 0.0
+
+    @property
+    def entries(self) -> float:
+        """Every entry counted: binned, zero or non-finite."""
+        return sum(self.counts) + self.zeros + self.nonfinite
+
+    @classmethod
+    def unpack(cls, row: Sequence[float]) -> Histogram | None:
+        """From a device row ``[low, high, count_0, ..., count_B-1, zeros, nonfinite]``;
+        ``None`` for a row of NaN (a layer not histogrammed)."""
+        low, high, *counts, zeros, nonfinite = row
+        if math.isnan(low) or not counts:
+            return None
+        width = (high - low) / len(counts)
+        edges = (*(low + i * width for i in range(len(counts))), high)
+        return cls(edges, tuple(counts), zeros, nonfinite)
+
+
+def unpack_histograms(layers: Sequence[str], flat: Sequence[float]) -> dict[str, Histogram]:
+    """One packed row per layer (see ``Histogram.unpack``), by layer name."""
+    if not layers or len(flat) % len(layers):
+        return {}
+    size = len(flat) // len(layers)
+    rows = (Histogram.unpack(flat[i * size : (i + 1) * size]) for i in range(len(layers)))
+    return {name: row for name, row in zip(layers, rows) if row is not None}
+
+
+@dataclass(frozen=True)
 class LoggedStats:
     """Everything measured on a logging step, on the host.
 
@@ -139,7 +190,8 @@ class LoggedStats:
     ``trainer.global_step``). ``per_layer`` maps a metric of ``LAYER_METRICS`` to one value
     per layer (``None``: not measured this step, e.g. a layer without a gradient, or
     activations outside a sampled window). ``scalars`` maps metric names of
-    ``SCALAR_METRICS`` to numbers.
+    ``SCALAR_METRICS`` to numbers. ``histograms`` maps a metric of ``HISTOGRAM_METRICS``
+    to the layers histogrammed this step (only with ``gg.Histograms``, at its rate).
     """
 
     step: int
@@ -149,6 +201,7 @@ class LoggedStats:
     per_layer: Mapping[str, tuple[float | None, ...]]
     scalars: Mapping[str, float]
     present: tuple[bool, ...]
+    histograms: Mapping[str, Mapping[str, Histogram]] = field(default_factory=dict)
 
     @property
     def grad_norm(self) -> tuple[float | None, ...]:

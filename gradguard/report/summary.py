@@ -131,5 +131,13 @@ def build_summary(guard: GuardReadout) -> dict[str, Any]:
         "zero_grad_layers": list(profile.get("zero_layers", [])),
         "remedies": remedies,
         "last_scalars": guard.last_scalars,
-        "not_observed": guard.blind_spots(),
+        "not_observed": _not_observed(guard),
     }
+
+
+def _not_observed(guard: GuardReadout) -> list[str]:
+    """What the guard could not see (the report says nothing about it), in plain words."""
+    spots = list(guard.blind_spots())
+    if guard.config.activations is None:
+        spots.append("activations (dead and saturated units): not sampled, as activations=False")
+    return spots
