@@ -31,6 +31,7 @@ from ._stats import LoggedStats, StepStats
 from .activations import ActivationMonitor
 from .clip import AGC, AutoClip, ClipContext, ClipResult, ClipStrategy, NormClip, ValueClip, ZClip
 from .detect import (
+    ClippedElsewhereDetector,
     Detector,
     GradientFlowDetector,
     GuardContext,
@@ -47,6 +48,7 @@ __all__ = [
     "ClipContext",
     "ClipResult",
     "ClipStrategy",
+    "ClippedElsewhereDetector",
     "ConfigurationError",
     "Detector",
     "EVENT_KINDS",

@@ -5,9 +5,11 @@ from __future__ import annotations
 from .base import Detector, GuardContext
 from .flow import GradientFlowDetector
 from .nonfinite import NonfiniteDetector
+from .preclipped import ClippedElsewhereDetector
 from .spike import SpikeDetector
 
 __all__ = [
+    "ClippedElsewhereDetector",
     "Detector",
     "GradientFlowDetector",
     "GuardContext",
@@ -20,4 +22,4 @@ __all__ = [
 def default_detectors() -> list[Detector]:
     """The detectors a guard runs unless given ``detectors=`` (besides the always-on
     NaN/Inf and spike detectors and the activation monitor, which have knobs of their own)."""
-    return [GradientFlowDetector()]
+    return [GradientFlowDetector(), ClippedElsewhereDetector()]

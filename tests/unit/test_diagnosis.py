@@ -397,7 +397,7 @@ def _train(model: nn.Module, guard_kwargs: dict[str, object], steps: int) -> gg.
 
 def test_the_default_guard_runs_a_gradient_flow_detector() -> None:
     assert "GradientFlowDetector" in gg.__all__
-    assert [type(d).__name__ for d in gg.GradGuard().detectors] == ["GradientFlowDetector"]
+    assert "GradientFlowDetector" in [type(d).__name__ for d in gg.GradGuard().detectors]
     torch.manual_seed(0)
     with pytest.warns(gg.GradGuardWarning, match="Vanishing gradients"):
         guard = _train(mlp([64] + [32] * 8 + [10], nn.Sigmoid), {"log_every_n_steps": 2}, 6)

@@ -1,0 +1,269 @@
+"""GradGuardCallback in a real Hugging Face Trainer on CPU: a tiny GPT-2 built from a config
+(no download), token data made here, TensorBoard reporting read back from its event files."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from gradguard.integrations.transformers import STATE_FILE, GradGuardCallback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import gradguard as gg
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+LAYER = "transformer.h.0.attn.c_attn"
+
+
+class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """Random token sequences; the labels are the inputs (next-token prediction)."""
+
+    def __init__(self, count: int = 64, length: int = 16) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 64, (count, length), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    # GPT-2's token ids 50256 lie outside this vocabulary: 0 stands in for them.
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=64,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def make_trainer(
+    tmp_path: Path, callbacks: list[Any], model: torch.nn.Module | None = None, **overrides: Any
+) -> Trainer:
+    settings: dict[str, Any] = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "max_steps": 6,
+        "logging_steps": 2,
+        "learning_rate": 1e-3,
+        "report_to": [],
+        "save_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+    settings.update(overrides)
+    return Trainer(
+        model=model if model is not None else tiny_gpt2(),
+        args=TrainingArguments(**settings),
+        train_dataset=Tokens(),
+        callbacks=callbacks,
+    )
+
+
+def tensorboard(out: Path) -> dict[str, list[tuple[int, float]]]:
+    (folder,) = {path.parent for path in out.rglob("events.out.tfevents*")}
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    }
+
+
+class PoisonStep(TrainerCallback):
+    """Makes every micro-batch of optimizer step ``step`` produce NaN gradients."""
+
+    def __init__(self, model: torch.nn.Module, step: int) -> None:
+        self.step, self.on = step, False
+        self.before: dict[str, torch.Tensor] = {}
+        self.changed: dict[int, int] = {}
+        model.transformer.h[0].register_forward_hook(self._poison)
+
+    def _poison(self, module: Any, inputs: Any, output: Any) -> Any:
+        if not self.on:
+            return None
+        if isinstance(output, tuple):
+            return (output[0] * math.nan, *output[1:])
+        return output * math.nan
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.on = state.global_step == self.step
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.before = {n: p.detach().clone() for n, p in kw["model"].named_parameters()}
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        after = dict(kw["model"].named_parameters())
+        self.changed[state.global_step] = sum(
+            not torch.equal(self.before[n], p) for n, p in after.items()
+        )
+
+
+class LossRecorder(gg.Detector):
+    """Records the loss each optimizer step hands the detectors."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float | None] = {}
+
+    def on_step(self, stats: gg.StepStats) -> list[gg.Finding]:
+        self.losses[stats.step] = stats.loss
+        return []
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_pre_clip_metrics_reach_tensorboard_at_the_trainers_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    callback = GradGuardCallback()
+    run = make_trainer(tmp_path, [callback], report_to=["tensorboard"], max_grad_norm=0.05)
+    with caplog.at_level(logging.INFO, logger="gradguard"):
+        run.train()
+    scalars = tensorboard(tmp_path / "out")
+
+    ours, theirs = scalars["train/gradguard/grad_norm_total"], scalars["train/grad_norm"]
+    assert [step for step, _ in ours] == [2, 4, 6]  # the Trainer's logging steps
+    # The Trainer logs the pre-clip norm; gradguard measured the same gradients.
+    assert [v for _, v in ours] == pytest.approx([v for _, v in theirs], rel=1e-5)
+    assert all(value > 0.05 for _, value in ours)  # pre-clip: above the clip
+    assert [v for _, v in scalars["train/gradguard/clip/threshold"]] == pytest.approx([0.05] * 3)
+    assert all(v < 1 for _, v in scalars["train/gradguard/clip/coef"])
+    assert f"train/gradguard/grad_norm/{LAYER}" in scalars
+    assert f"train/gradguard/param_norm/{LAYER}" in scalars
+    # The console line stays the Trainer's own; the user's arguments are as they were.
+    assert "'loss'" in capsys.readouterr().out and "gradguard" not in capsys.readouterr().out
+    assert run.args.max_grad_norm == 0.05
+    assert "gg.NormClip(0.05) in place of the Trainer's max_grad_norm=0.05" in caplog.text
+
+
+def test_taking_over_the_trainers_clip_trains_the_same_model(tmp_path: Path) -> None:
+    alone = make_trainer(tmp_path / "a", [], max_grad_norm=0.05)
+    alone.train()
+    watched = make_trainer(tmp_path / "b", [GradGuardCallback()], max_grad_norm=0.05)
+    watched.train()
+    for (name, a), b in zip(alone.model.named_parameters(), watched.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gradguard_clip_replaces_the_default_max_grad_norm(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = gg.MemorySink()
+    callback = GradGuardCallback(clip=gg.NormClip(0.02), sinks=[sink])
+    run = make_trainer(tmp_path, [callback], logging_steps=1)  # max_grad_norm: default 1.0
+    with caplog.at_level(logging.INFO, logger="gradguard"):
+        run.train()
+    assert "the Trainer's default max_grad_norm=1.0 is turned off" in caplog.text
+    logged = [row["grad_norm"] for row in run.state.log_history if "grad_norm" in row]
+    totals = [value for _, value in sink.scalars["gradguard/grad_norm_total"]]
+    assert totals == pytest.approx(logged, rel=1e-5)  # both pre-clip
+    assert [v for _, v in sink.scalars["gradguard/clip/threshold"]] == pytest.approx([0.02] * 6)
+    assert [step for step, _ in sink.scalars["gradguard/grad_norm_total"]] == [1, 2, 3, 4, 5, 6]
+    assert run.args.max_grad_norm == 1.0
+
+
+def test_two_clips_are_refused_when_the_trainer_is_built(tmp_path: Path) -> None:
+    with pytest.raises(
+        gg.ConfigurationError, match=r"max_grad_norm=0\.5.*clip the gradients twice"
+    ):
+        make_trainer(tmp_path, [GradGuardCallback(clip=gg.ZClip())], max_grad_norm=0.5)
+
+
+def test_observing_without_any_clip_adds_no_clip(tmp_path: Path) -> None:
+    sink = gg.MemorySink()
+    run = make_trainer(tmp_path, [GradGuardCallback(sinks=[sink])], max_grad_norm=0.0)
+    run.train()
+    assert "gradguard/clip/threshold" not in sink.scalars
+    assert [step for step, _ in sink.scalars["gradguard/grad_norm_total"]] == [1, 2, 4, 6]
+
+
+# ---------------------------------------------------------------------------- NaN skip
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch"])
+def test_nan_step_is_skipped_under_accumulation(tmp_path: Path, optim: str) -> None:
+    model = tiny_gpt2()
+    poison = PoisonStep(model, step=2)
+    callback = GradGuardCallback(on_nonfinite="skip", clip=gg.ZClip())
+    run = make_trainer(
+        tmp_path,
+        [poison, callback],
+        model=model,
+        optim=optim,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.0,
+        report_to=["tensorboard"],
+    )
+    with pytest.warns(gg.GradGuardWarning, match=r"step 3\].*NaN") as caught:
+        run.train()
+    assert len([w for w in caught if "NaN" in str(w.message)]) == 1
+    assert poison.changed == {0: 28, 1: 28, 2: 0, 3: 28, 4: 28, 5: 28}  # step 2: untouched
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert callback.guard.skipped_steps == 1 and callback.guard.step == 6
+    (event,) = callback.events
+    assert event.kind == "nonfinite" and event.step == 3  # the Trainer's global_step
+    scalars = tensorboard(tmp_path / "out")
+    assert scalars["train/gradguard/events/nonfinite"] == [(4, 1.0), (6, 1.0)]
+    assert scalars["train/gradguard/skipped_steps"][-1] == (6, 1.0)
+
+
+# ---------------------------------------------------------------------------- resume
+def test_resume_restores_the_clip_history_bit_exactly(tmp_path: Path) -> None:
+    settings: dict[str, Any] = {"save_strategy": "steps", "save_steps": 3, "logging_steps": 1}
+    whole = GradGuardCallback(clip=gg.ZClip(warmup_steps=2))
+    make_trainer(tmp_path, [whole], **settings).train()
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    saved = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    assert saved["guard"]["step"] == 3
+
+    resumed = GradGuardCallback(clip=gg.ZClip(warmup_steps=2))
+    make_trainer(tmp_path, [resumed], **settings).train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.guard.step == whole.guard.step == 6
+    a, b = whole.guard.state_dict()["clip"], resumed.guard.state_dict()["clip"]
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def test_resume_without_gradguard_state_says_so(tmp_path: Path) -> None:
+    settings: dict[str, Any] = {"save_strategy": "steps", "save_steps": 3}
+    make_trainer(tmp_path, [GradGuardCallback()], **settings).train()
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    (checkpoint / STATE_FILE).unlink()
+    callback = GradGuardCallback()
+    with pytest.warns(gg.GradGuardWarning, match="without gradguard's state"):
+        make_trainer(tmp_path, [callback], **settings).train(resume_from_checkpoint=str(checkpoint))
+    assert callback.guard.step == 3  # the steps it watched itself
+
+
+# ---------------------------------------------------------------------------- loss
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_each_steps_loss_reaches_the_detectors(tmp_path: Path, accumulation: int) -> None:
+    recorder = LossRecorder()
+    callback = GradGuardCallback(detectors=[recorder])
+    run = make_trainer(
+        tmp_path, [callback], logging_steps=1, gradient_accumulation_steps=accumulation
+    )
+    run.train()
+    logged = [row["loss"] for row in run.state.log_history if "grad_norm" in row]
+    assert [recorder.losses[step] for step in range(6)] == pytest.approx(logged, rel=1e-4)
