@@ -57,10 +57,8 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 import warnings
 from collections.abc import Mapping
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -69,6 +67,8 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import Unpack
 
 import gradguard as gg
+
+from ._trainer_logs import TrainerLogs, logging_interval, trainer_logs_after
 
 __all__ = ["STATE_FILE", "GradGuardCallback"]
 
@@ -89,56 +89,6 @@ else:
     except ImportError as _exc:  # the module stays importable; construction says what to install
         _CallbackBase = object
         _IMPORT_ERROR = _exc
-
-
-class _TrainerLogs:
-    """A sink that keeps the latest logging step's metrics (and Event counts) until the
-    Trainer's next log at that step takes them."""
-
-    def __init__(self) -> None:
-        self.step: int | None = None
-        self.scalars: dict[str, float] = {}
-        self.event_counts: dict[str, int] = {}
-
-    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-        self.step, self.scalars = step, {k: float(v) for k, v in scalars.items()}
-
-    def log_event(self, event: gg.Event) -> None:
-        self.event_counts[event.kind] = self.event_counts.get(event.kind, 0) + 1
-
-    def take(self, step: int) -> dict[str, float]:
-        """The metrics published for ``step`` (once), or nothing."""
-        if self.step != step:
-            return {}
-        scalars, self.step, self.scalars = self.scalars, None, {}
-        return scalars
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _LogsHelper(_CallbackBase):
-    """Placed around the reporting callbacks: adds gradguard's metrics to a training log
-    before they read it (``add=True``) or takes them out after (``add=False``)."""
-
-    def __init__(self, owner: GradGuardCallback, *, add: bool) -> None:
-        self.owner, self.add = owner, add
-
-    def on_log(
-        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
-    ) -> None:
-        if logs is None:
-            return
-        if self.add:
-            self.owner._add_to_logs(state, logs)
-        else:
-            self.owner._remove_from_logs(logs)
-
-    def __repr__(self) -> str:
-        return f"_LogsHelper(add={self.add})"
 
 
 class GradGuardCallback(_CallbackBase):
@@ -168,8 +118,7 @@ class GradGuardCallback(_CallbackBase):
         # Built now so that every argument is validated at construction.
         self.guard = _new_guard(self._options, every if every is not None else _FALLBACK_EVERY)
         self._user_clip = self.guard.clip
-        self._logs = _TrainerLogs()
-        self._helpers = (_LogsHelper(self, add=True), _LogsHelper(self, add=False))
+        self._logs = TrainerLogs(self.guard.prefix)
         self._handles: list[RemovableHandle] = []
         self._nominal_every = self.guard.log_every_n_steps
         self._user_max_grad_norm = 0.0  # the Trainer's clip that gradguard stands in for
@@ -212,7 +161,7 @@ class GradGuardCallback(_CallbackBase):
             raise gg.GradGuardError("GradGuardCallback needs the Trainer's model and optimizer")
         self._place_helpers()
         self._plan_clipping(args, announce=state.is_world_process_zero)
-        self._nominal_every = self._logging_interval(args, state)
+        self._nominal_every = self._every or logging_interval(args, state, _FALLBACK_EVERY)
         self.guard.log_every_n_steps = self._nominal_every
         if state.global_step > 0:
             self._load_checkpoint(args, state)
@@ -254,7 +203,7 @@ class GradGuardCallback(_CallbackBase):
         found_inf = _scaler_found_inf(self._scaler)
         publish = (state.global_step + 1) % self._nominal_every == 0
         if self._every is None:
-            publish = publish or self._trainer_logs_after(args, state)
+            publish = publish or trainer_logs_after(args, state)
         # gradguard publishes on steps with step % log_every_n_steps == 0; the Trainer logs
         # after other steps (global_step N, 2N: gradguard's N-1, 2N-1). Pick the interval
         # that makes this step a logging step or not, and put the real one back.
@@ -346,60 +295,14 @@ class GradGuardCallback(_CallbackBase):
         if announce:
             self._say("clip", text)
 
-    # ------------------------------------------------------------------ logs
-    def _logging_interval(self, args: TrainingArguments, state: TrainerState) -> int:
-        if self._every is not None:
-            return self._every
-        steps = int(getattr(state, "logging_steps", 0) or 0)
-        if str(getattr(args, "logging_strategy", "")) in ("steps", "IntervalStrategy.STEPS"):
-            return max(steps, 1)
-        return _FALLBACK_EVERY
-
-    @staticmethod
-    def _trainer_logs_after(args: TrainingArguments, state: TrainerState) -> bool:
-        """Whether the Trainer logs after this optimizer step (DefaultFlowCallback's rule)."""
-        step = state.global_step + 1
-        if step == 1 and getattr(args, "logging_first_step", False):
-            return True
-        every = int(getattr(state, "logging_steps", 0) or 0)
-        steps = str(getattr(args, "logging_strategy", "")) in ("steps", "IntervalStrategy.STEPS")
-        return steps and every > 0 and step % every == 0
-
-    def _add_to_logs(self, state: TrainerState, logs: dict[str, Any]) -> None:
-        if "loss" not in logs:  # an evaluation or the end-of-training summary
-            return
-        logs.update(self._logs.take(state.global_step))
-        prefix = self.guard.prefix
-        for kind, count in self._logs.event_counts.items():
-            logs[f"{prefix}/events/{kind}"] = float(count)
-
-    def _remove_from_logs(self, logs: dict[str, Any]) -> None:
-        head = self.guard.prefix + "/"
-        for key in [k for k in logs if isinstance(k, str) and k.startswith(head)]:
-            del logs[key]
-
     def _place_helpers(self) -> None:
-        """Put the helpers around the reporting callbacks in the Trainer's callback list."""
-        handler = _calling_handler(self)
-        if handler is None:
+        if not self._logs.place(self):
             self._say(
                 "no-handler",
                 "GradGuardCallback could not reach the Trainer's callback list: its metrics "
                 "reach only the sinks given to it, not the report_to backends",
                 warn=True,
             )
-            return
-        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-        reporters = tuple(INTEGRATION_TO_CALLBACK.values())
-        callbacks = [c for c in handler.callbacks if c not in self._helpers]
-        found = [i for i, c in enumerate(callbacks) if isinstance(c, reporters)]
-        if found:
-            first, last = found[0], found[-1] + 1
-            add, remove = self._helpers
-            callbacks = [*callbacks[:first], add, *callbacks[first:last], remove, *callbacks[last:]]
-        # A new list, not an edit of the one the handler may be iterating over right now.
-        handler.callbacks = callbacks
 
     # ------------------------------------------------------------------ loss
     def _read_loss(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -473,27 +376,6 @@ class GradGuardCallback(_CallbackBase):
 def _new_guard(options: dict[str, Any], log_every_n_steps: int) -> gg.GradGuard:
     full: gg.GuardOptions = {**options, "log_every_n_steps": log_every_n_steps}  # type: ignore[typeddict-item]
     return gg.GradGuard(**full)
-
-
-def _calling_handler(callback: Any) -> Any:
-    """The Trainer's ``CallbackHandler`` that is calling ``callback`` right now.
-
-    Callbacks are handed the model, the optimizer and the data loaders, never the Trainer
-    nor its handler; the handler is the caller a few frames up (``call_event``).
-    """
-    from transformers.trainer_callback import CallbackHandler
-
-    frame: FrameType | None = sys._getframe(1)
-    for _ in range(8):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, CallbackHandler) and any(
-            c is callback for c in candidate.callbacks
-        ):
-            return candidate
-        frame = frame.f_back
-    return None
 
 
 def _default_max_grad_norm() -> float:
