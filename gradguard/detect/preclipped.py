@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 from .._debounce import Finding
 from .._errors import ConfigurationError, check_number, check_positive_int
 from .._stats import StepStats
-from ..report.advice import fmt
 from .base import Detector
 
 __all__ = ["ClippedElsewhereDetector"]
@@ -99,7 +98,7 @@ class ClippedElsewhereDetector(Detector):
         clipping = self.context.clipping
         limit = repr(float(f"{ceiling:.3g}"))  # 1.0, 0.05, 2.35: as a user writes it
         message = (
-            f"The total gradient norm sat at {fmt(ceiling)} on {count} of the last "
+            f"The total gradient norm sat at {limit} on {count} of the last "
             f"{len(self._recent)} steps and never went above it: the gradients were clipped "
             f"before gradguard measured them (clip_grad_norm_(..., {limit}), "
             "accelerator.clip_grad_norm_ or fabric.clip_gradients called before "

@@ -3,7 +3,11 @@ accelerator.clip_grad_norm_ noticed, and a failed attach that leaves nothing beh
 
 from __future__ import annotations
 
+import runpy
+import sys
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
 import gradguard as gg
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture(autouse=True)
@@ -105,3 +111,23 @@ def test_a_failed_attach_leaves_nothing_behind() -> None:
     assert _hooks(model, optimizer) != before
     guard.detach()
     assert _hooks(model, optimizer) == before
+
+
+@pytest.mark.parametrize("accelerator_clip", [None, "0.5"])
+def test_example_runs_and_notices_accelerates_clip(
+    accelerator_clip: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["--epochs", "1"] + (
+        ["--accelerator-clip", accelerator_clip] if accelerator_clip else []
+    )
+    monkeypatch.setattr(sys, "argv", ["accelerate_loop.py", *args])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runpy.run_path(str(EXAMPLES / "accelerate_loop.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "micro-batches: 128; optimizer steps seen by gradguard: 32" in out
+    expected = ["clipped_elsewhere"] if accelerator_clip else []
+    assert f"Events: {expected}" in out
+    assert len([w for w in caught if issubclass(w.category, gg.GradGuardWarning)]) == len(expected)

@@ -4,6 +4,10 @@ precision plugins, NaN skip, and a user's fabric.clip_gradients noticed."""
 from __future__ import annotations
 
 import math
+import runpy
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,8 @@ from lightning.fabric import Fabric
 from torch import nn
 
 import gradguard as gg
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 # Third-party noise: Lightning 2.6 trips a torch pytree deprecation (FutureWarning).
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec.*:FutureWarning")
@@ -89,3 +95,19 @@ def test_fabric_clip_gradients_before_the_step_is_noticed() -> None:
     assert event.kind == "clipped_elsewhere" and event.step == 7  # the 8th pinned step
     assert "sat at 0.5 on 8 of the last 8 steps" in event.message
     assert "clip=gg.NormClip(0.5)" in event.advice
+
+
+@pytest.mark.parametrize("fabric_clip", [None, "0.5"])
+def test_example_runs_and_notices_fabrics_clip(
+    fabric_clip: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--steps", "40"] + (["--fabric-clip", fabric_clip] if fabric_clip else [])
+    monkeypatch.setattr(sys, "argv", ["fabric_loop.py", *args])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runpy.run_path(str(EXAMPLES / "fabric_loop.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "layers: 0, 2, 4" in out and "optimizer steps: 40" in out
+    expected = ["clipped_elsewhere"] if fabric_clip else []
+    assert f"Events: {expected}" in out
+    assert len([w for w in caught if issubclass(w.category, gg.GradGuardWarning)]) == len(expected)

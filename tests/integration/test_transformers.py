@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import runpy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ import gradguard as gg
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 LAYER = "transformer.h.0.attn.c_attn"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
@@ -267,3 +270,23 @@ def test_each_steps_loss_reaches_the_detectors(tmp_path: Path, accumulation: int
     run.train()
     logged = [row["loss"] for row in run.state.log_history if "grad_norm" in row]
     assert [recorder.losses[step] for step in range(6)] == pytest.approx(logged, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------- the example
+def test_example_skips_the_blow_up_and_logs_pre_clip_norms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["--steps", "6", "--poison-step", "3", "--logging-steps", "2"]
+    monkeypatch.setattr(sys, "argv", ["hf_trainer.py", *args])
+    with pytest.warns(gg.GradGuardWarning, match=r"step 4\].*NaN/Inf"):
+        runpy.run_path(str(EXAMPLES / "hf_trainer.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "optimizer steps: 6, skipped by gradguard: 1" in out
+    assert "weights finite: True" in out
+    gradguard_norm, trainer_norm = out.split("last pre-clip total norm: gradguard ")[1].split(
+        ", Trainer "
+    )
+    assert float(gradguard_norm) == pytest.approx(float(trainer_norm.split()[0]), abs=1e-4)
+    assert "tensorboard --logdir hf_runs" in out
+    assert list((tmp_path / "hf_runs").rglob("events.out.tfevents*"))

@@ -53,7 +53,7 @@ def test_a_users_clip_before_the_step_is_reported_once_with_the_fix() -> None:
     guard = train(100, user_clip=1.0)
     (event,) = guard.events
     assert event.kind == "clipped_elsewhere" and event.step == 7
-    assert "sat at 1 on 8 of the last 8 steps and never went above it" in event.message
+    assert "sat at 1.0 on 8 of the last 8 steps and never went above it" in event.message
     assert "clip_grad_norm_(..., 1.0)" in event.message
     assert "clip=gg.NormClip(1.0)" in event.advice
 
