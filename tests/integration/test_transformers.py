@@ -24,6 +24,7 @@ from transformers import (
 )
 
 import gradguard as gg
+from tests.syncs import count_syncs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 LAYER = "transformer.h.0.attn.c_attn"
@@ -290,3 +291,87 @@ def test_example_skips_the_blow_up_and_logs_pre_clip_norms(
     assert float(gradguard_norm) == pytest.approx(float(trainer_norm.split()[0]), abs=1e-4)
     assert "tensorboard --logdir hf_runs" in out
     assert list((tmp_path / "hf_runs").rglob("events.out.tfevents*"))
+
+
+# ---------------------------------------------------------------------------- cost
+class CountingCallback(GradGuardCallback):
+    """GradGuardCallback whose per-step events count the host syncs they make."""
+
+    syncs: dict[int, int]
+
+    def _counted(self, event: str, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        with count_syncs() as counter:
+            getattr(super(), event)(args, state, control, **kw)
+        self.syncs[state.global_step] = self.syncs.get(state.global_step, 0) + counter.count
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._counted("on_step_begin", args, state, control, **kw)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._counted("on_pre_optimizer_step", args, state, control, **kw)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._counted("on_optimizer_step", args, state, control, **kw)
+
+
+@pytest.mark.parametrize(
+    ("on_nonfinite", "optim", "syncs"),
+    [
+        ("warn", "adamw_torch_fused", 0),
+        ("skip", "adamw_torch_fused", 0),
+        ("skip", "adamw_torch", 1),
+    ],
+)
+def test_host_syncs_on_steps_that_do_not_log(
+    tmp_path: Path, on_nonfinite: str, optim: str, syncs: int
+) -> None:
+    callback = CountingCallback(on_nonfinite=on_nonfinite)  # type: ignore[arg-type]
+    callback.syncs = {}
+    # The Trainer logs after global steps 3 and 6 (gradguard's 2 and 5), and gradguard always
+    # logs its step 0. A skip reads one flag per step, except on a fused optimizer.
+    make_trainer(tmp_path, [callback], logging_steps=3, max_grad_norm=0.5, optim=optim).train()
+    assert set(callback.syncs) == set(range(6))
+    assert [callback.syncs[step] for step in (1, 3, 4)] == [syncs] * 3
+
+
+# ---------------------------------------------------------------------------- failures
+class BrokenDetector(gg.Detector):
+    def bind(self, context: gg.GuardContext) -> None:
+        raise RuntimeError("this detector cannot bind")
+
+
+def _forward_hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_a_failed_start_leaves_nothing_behind(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    before = _forward_hooks(model)
+    run = make_trainer(tmp_path, [GradGuardCallback(detectors=[BrokenDetector()])], model=model)
+    with pytest.raises(RuntimeError, match="cannot bind"):
+        run.train()
+    assert _forward_hooks(model) == before
+    inner = run.optimizer.optimizer
+    assert not inner._optimizer_step_pre_hooks and not inner._optimizer_step_post_hooks
+    assert run.args.max_grad_norm == 1.0
+    again = GradGuardCallback()
+    make_trainer(tmp_path / "again", [again], model=model).train()
+    assert again.guard.step == 6
+
+
+def test_a_grad_scalers_overflow_flag_is_read_after_unscaling() -> None:
+    # The Trainer's fp16 path needs CUDA; its GradScaler bookkeeping is the same on CPU.
+    from gradguard.integrations.transformers import _scaler_found_inf
+
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    assert _scaler_found_inf(None) is None
+    for value, overflow in ((1.0, 0.0), (math.inf, 1.0)):
+        optimizer.zero_grad()
+        scaler.scale(model(torch.full((2, 4), value)).sum()).backward()
+        scaler.unscale_(optimizer)
+        flag = _scaler_found_inf(scaler)
+        assert flag is not None and float(flag) == overflow
+        scaler.step(optimizer)
+        scaler.update()
