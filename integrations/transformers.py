@@ -67,6 +67,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import Unpack
 
 import gradguard as gg
+from gradguard._dist import is_rank_zero
 
 from ._trainer_logs import TrainerLogs, logging_interval, trainer_logs_after
 
@@ -160,7 +161,7 @@ class GradGuardCallback(_CallbackBase):
         if model is None or optimizer is None:
             raise gg.GradGuardError("GradGuardCallback needs the Trainer's model and optimizer")
         self._place_helpers()
-        self._plan_clipping(args, announce=state.is_world_process_zero)
+        self._plan_clipping(args, announce=True)
         self._nominal_every = self._every or logging_interval(args, state, _FALLBACK_EVERY)
         self.guard.log_every_n_steps = self._nominal_every
         if state.global_step > 0:
@@ -197,7 +198,7 @@ class GradGuardCallback(_CallbackBase):
                 "late",
                 "the Trainer clipped this step's gradients before gradguard measured them "
                 "(on_step_begin did not run before it): this step's norms are post-clip",
-                warn=state.is_world_process_zero,
+                warn=True,
             )
         self._feed_loss()
         found_inf = _scaler_found_inf(self._scaler)
@@ -263,11 +264,9 @@ class GradGuardCallback(_CallbackBase):
         """Decide who clips (see the module docstring); raise on two clips."""
         self._restore_args()  # a train() that raised mid-step left our 0 in place
         trainer_clip = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
-        default = _default_max_grad_norm()
         if not (trainer_clip > 0 and math.isfinite(trainer_clip)):
-            self._user_max_grad_norm = 0.0
-            return
-        if self._user_clip is not None and trainer_clip != default:
+            trainer_clip = 0.0
+        if self._user_clip is not None and trainer_clip not in (0.0, _default_max_grad_norm()):
             raise gg.ConfigurationError(
                 f"TrainingArguments(max_grad_norm={trainer_clip!r}) and GradGuardCallback(clip="
                 f"{self._user_clip!r}) would clip the gradients twice, which is never what you "
@@ -276,24 +275,28 @@ class GradGuardCallback(_CallbackBase):
                 f"gg.NormClip({trainer_clip!r}), the same rule, and measures before it)."
             )
         self._user_max_grad_norm = trainer_clip
+        if self._user_clip is None:
+            # Observing only: gradguard stands in for the Trainer's clip, if there is one.
+            wanted = gg.NormClip(trainer_clip) if trainer_clip > 0 else None
+            if not _same_clip(self.guard.clip, wanted):
+                self.guard.detach()
+                options = {**self._options, "clip": wanted}
+                self.guard = _new_guard(options, self.guard.log_every_n_steps)
+        if trainer_clip == 0.0 or not announce:
+            return
         if self._user_clip is not None:
-            text = (
+            self._say(
+                "clip",
                 f"gradguard clips with {self._user_clip!r}; the Trainer's default "
-                f"max_grad_norm={trainer_clip!r} is turned off during the steps"
+                f"max_grad_norm={trainer_clip!r} is turned off during the steps",
             )
         else:
-            if not _clips_at(self.guard.clip, trainer_clip):
-                if self.guard.attached:
-                    self.guard.detach()
-                options = {**self._options, "clip": gg.NormClip(trainer_clip)}
-                self.guard = _new_guard(options, self.guard.log_every_n_steps)
-            text = (
+            self._say(
+                "clip",
                 f"gradguard clips with gg.NormClip({trainer_clip!r}) in place of the Trainer's "
                 f"max_grad_norm={trainer_clip!r} (the same clip), so that it measures the "
-                "gradients before they are clipped"
+                "gradients before they are clipped",
             )
-        if announce:
-            self._say("clip", text)
 
     def _place_helpers(self) -> None:
         if not self._logs.place(self):
@@ -343,13 +346,13 @@ class GradGuardCallback(_CallbackBase):
             "no-state",
             f"resuming at step {state.global_step} without gradguard's state (no {STATE_FILE} "
             f"in {' or '.join(folders)}): its clip history and statistics start afresh",
-            warn=state.is_world_process_zero,
+            warn=True,
         )
 
     # ------------------------------------------------------------------ internals
     def _say(self, key: str, text: str, *, warn: bool = False) -> None:
-        """Once per callback: a GradGuardWarning (``warn``) or an INFO line."""
-        if key in self._said:
+        """Once per callback, on rank zero: a GradGuardWarning (``warn``) or an INFO line."""
+        if key in self._said or not is_rank_zero():
             return
         self._said.add(key)
         if warn:
@@ -387,8 +390,10 @@ def _default_max_grad_norm() -> float:
     return 1.0
 
 
-def _clips_at(clip: Any, max_norm: float) -> bool:
-    return isinstance(clip, gg.NormClip) and not clip.per_layer and clip.max_norm == max_norm
+def _same_clip(clip: Any, wanted: gg.NormClip | None) -> bool:
+    if wanted is None or clip is None:
+        return clip is wanted
+    return isinstance(clip, gg.NormClip) and not clip.per_layer and clip.max_norm == wanted.max_norm
 
 
 def _scaler_found_inf(scaler: Any) -> torch.Tensor | None:

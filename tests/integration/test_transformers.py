@@ -200,6 +200,15 @@ def test_observing_without_any_clip_adds_no_clip(tmp_path: Path) -> None:
     assert [step for step, _ in sink.scalars["gradguard/grad_norm_total"]] == [1, 2, 4, 6]
 
 
+def test_one_callback_in_two_trainers_follows_each_ones_arguments(tmp_path: Path) -> None:
+    sink = gg.MemorySink()
+    callback = GradGuardCallback(sinks=[sink], log_every_n_steps=1)
+    make_trainer(tmp_path / "a", [callback], max_grad_norm=0.05, max_steps=2).train()
+    assert sink.latest("gradguard/clip/threshold") == pytest.approx(0.05)
+    make_trainer(tmp_path / "b", [callback], max_grad_norm=0.0, max_steps=2).train()
+    assert callback.guard.clip is None  # the second Trainer does not clip: neither does gradguard
+
+
 # ---------------------------------------------------------------------------- NaN skip
 @pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch"])
 def test_nan_step_is_skipped_under_accumulation(tmp_path: Path, optim: str) -> None:
