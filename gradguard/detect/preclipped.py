@@ -128,9 +128,11 @@ class ClippedElsewhereDetector(Detector):
         )
 
     def state_dict(self) -> dict[str, Any]:
+        """Whether this run was already told (so a resumed run is not told again)."""
         return {"reported": self.reported}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``; the window of recent norms starts empty."""
         self.reported = bool(state.get("reported", False))
         self._recent.clear()
 
