@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -384,3 +385,16 @@ def test_a_grad_scalers_overflow_flag_is_read_after_unscaling() -> None:
         assert flag is not None and float(flag) == overflow
         scaler.step(optimizer)
         scaler.update()
+
+
+def test_without_transformers_the_error_names_the_extra() -> None:
+    # transformers is installed here; hide it the way a missing package looks to an import.
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "from gradguard.integrations.transformers import GradGuardCallback\n"
+        "try:\n    GradGuardCallback()\n"
+        "except ImportError as error:\n    print(type(error).__name__, error)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("MissingDependencyError")
+    assert "pip install 'gradguard[transformers]'" in out.stdout
