@@ -32,6 +32,7 @@ from ._stats import Histogram, LoggedStats, StepStats
 from .activations import ActivationMonitor
 from .clip import AGC, AutoClip, ClipContext, ClipResult, ClipStrategy, NormClip, ValueClip, ZClip
 from .detect import (
+    ClippedElsewhereDetector,
     Detector,
     GradientFlowDetector,
     GuardContext,
@@ -55,6 +56,7 @@ __all__ = [
     "ClipContext",
     "ClipResult",
     "ClipStrategy",
+    "ClippedElsewhereDetector",
     "ConfigurationError",
     "Detector",
     "EVENT_KINDS",

@@ -24,6 +24,7 @@ EVENT_KINDS: tuple[str, ...] = (
     "symmetric_units",
     "lr_too_high",
     "input_scale",
+    "clipped_elsewhere",
     "vanishing",
     "exploding",
     "dead_units",

@@ -219,6 +219,7 @@ _SHORT = {
     "symmetric_units": "symmetric",
     "lr_too_high": "lr_high",
     "input_scale": "inputs",
+    "clipped_elsewhere": "clip_else",
     "vanishing": "vanishing",
     "exploding": "exploding",
     "dead_units": "dead",

@@ -8,6 +8,7 @@ from .forensics import NonfiniteForensics
 from .loss import LossSpikeDetector
 from .lr import LearningRateDetector
 from .nonfinite import NonfiniteDetector
+from .preclipped import ClippedElsewhereDetector
 from .score import StabilityScore
 from .spike import SpikeDetector
 from .symmetry import SymmetryDetector
@@ -15,6 +16,7 @@ from .trend import TrendDetector
 from .updates import UpdateSpikeDetector
 
 __all__ = [
+    "ClippedElsewhereDetector",
     "Detector",
     "GradientFlowDetector",
     "GuardContext",
@@ -39,12 +41,14 @@ def default_detectors() -> list[Detector]:
     learning-rate, loss-spike and trend detectors and the stability score read only host
     numbers; the symmetry detector adds a few small kernels per layer on the first three
     logging steps, then nothing; the update-spike detector reads the logging step's update
-    ratios; the NaN forensics do nothing until a NaN/Inf gradient is seen.
+    ratios; the NaN forensics do nothing until a NaN/Inf gradient is seen; the
+    clipped-elsewhere detector reads the total norm the step packet brings anyway.
     """
     return [
         GradientFlowDetector(),
         SymmetryDetector(),
         LearningRateDetector(),
+        ClippedElsewhereDetector(),
         LossSpikeDetector(),
         TrendDetector(),
         UpdateSpikeDetector(),

@@ -28,6 +28,7 @@ KIND_LABELS = {
     "symmetric_units": "symmetric units (constant init)",
     "lr_too_high": "learning rate too high",
     "input_scale": "badly scaled inputs",
+    "clipped_elsewhere": "clipped before gradguard measured",
     "vanishing": "vanishing gradients",
     "exploding": "exploding gradients",
     "dead_units": "dead units",

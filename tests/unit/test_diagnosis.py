@@ -401,6 +401,7 @@ def test_the_default_guard_runs_a_gradient_flow_detector() -> None:
         "GradientFlowDetector",
         "SymmetryDetector",
         "LearningRateDetector",
+        "ClippedElsewhereDetector",
         "LossSpikeDetector",
         "TrendDetector",
         "UpdateSpikeDetector",
