@@ -205,18 +205,14 @@ class GradGuardCallback(_CallbackBase):
         publish = (state.global_step + 1) % self._nominal_every == 0
         if self._every is None:
             publish = publish or trainer_logs_after(args, state)
-        # gradguard publishes on steps with step % log_every_n_steps == 0; the Trainer logs
-        # after other steps (global_step N, 2N: gradguard's N-1, 2N-1). Pick the interval
-        # that makes this step a logging step or not, and put the real one back.
-        guard.log_every_n_steps = 1 if publish or guard.step == 0 else guard.step + 1
-        try:
-            decision = guard.before_step(
-                found_inf=found_inf,
-                sink_step=state.global_step + 1,
-                apply_skip=found_inf is None,
-            )
-        finally:
-            guard.log_every_n_steps = self._nominal_every
+        # The Trainer logs after other steps than gradguard would (global_step N, 2N:
+        # gradguard's N-1, 2N-1): say which ones; the first step is always published.
+        decision = guard.before_step(
+            found_inf=found_inf,
+            sink_step=state.global_step + 1,
+            apply_skip=found_inf is None,
+            log=publish or guard.step == 0,
+        )
         # Under a GradScaler the scaler owns optimizer.found_inf: skip by dropping the
         # gradients instead (one flag read, the cost of a skip on any non-fused optimizer).
         flag = decision.skip_flag

@@ -64,3 +64,14 @@ def test_a_model_gradguard_sees_whole_has_no_such_section() -> None:
     with gg.attach(model, optimizer, log_every_n_steps=5) as guard:
         _train(model, optimizer, guard)
         assert "Not observed" not in guard.report()
+
+
+def test_the_report_after_detach_still_names_what_was_not_observed() -> None:
+    # The demo, `with` blocks and the end of a Lightning fit print the report after detaching.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(40, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gg.attach(model, optimizer, log_every_n_steps=5, activations=False) as guard:
+        _train(model, optimizer, guard)
+    assert not guard.attached
+    assert "- activations (dead and saturated units): not sampled" in guard.report()
