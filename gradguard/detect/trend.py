@@ -45,11 +45,12 @@ class MannKendall:
         self.s = 0
 
     def push(self, value: float) -> None:
+        # Signs inlined in list comprehensions: this runs on every step, on the host.
         values = self.values
         if len(values) == values.maxlen:
             oldest = values.popleft()
-            self.s -= sum(_sign(v - oldest) for v in values)
-        self.s += sum(_sign(value - v) for v in values)
+            self.s -= sum([(v > oldest) - (v < oldest) for v in values])
+        self.s += sum([(value > v) - (value < v) for v in values])
         values.append(value)
 
     @property
