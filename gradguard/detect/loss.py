@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._debounce import Finding
-from .._errors import ConfigurationError, check_number, check_positive_int
+from .._errors import ConfigurationError, check_number, check_number_lists, check_positive_int
 from .._stats import LOSS_ZSCORE, StepStats
 from ..report.stability_advice import loss_spike_text
 from .base import Detector
@@ -185,14 +185,7 @@ class LossSpikeDetector(Detector):
         return {"logs": list(self._logs), "first": list(self._first)}
 
     def check_state(self, state: Mapping[str, Any]) -> None:
-        for key in ("logs", "first"):
-            values = state.get(key, [])
-            if not isinstance(values, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
-            ):
-                raise ConfigurationError.bad_value(
-                    f"state[{key!r}]", values, "expected a list of numbers"
-                )
+        check_number_lists(state, ("logs", "first"))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._logs = deque((float(v) for v in state.get("logs", [])), maxlen=self.window)
