@@ -42,6 +42,7 @@ from .detect import (
     UpdateSpikeDetector,
     default_detectors,
 )
+from .recover import Recover
 
 __version__ = "0.1.0.dev0"
 
@@ -72,6 +73,7 @@ __all__ = [
     "MissingDependencyError",
     "NonfiniteForensics",
     "NormClip",
+    "Recover",
     "Sink",
     "SpikeDetector",
     "StabilityScore",

@@ -11,6 +11,7 @@ Severity = Literal["warning", "error"]
 # The built-in kinds, most urgent first (the report and the dashboards use this order).
 # Detectors you write may use kinds of their own.
 EVENT_KINDS: tuple[str, ...] = (
+    "recovery",
     "nonfinite",
     "nonfinite_source",
     "loss_spike",

@@ -22,6 +22,10 @@ __all__ = [
     "LOSS_ZSCORE",
     "NONFINITE_STEPS",
     "PARAM_NORM",
+    "RECOVERY_INCIDENTS",
+    "RECOVERY_LR_BACKOFFS",
+    "RECOVERY_LR_FACTOR",
+    "RECOVERY_ROLLBACKS",
     "SATURATION",
     "SCALAR_METRICS",
     "SKIPPED_STEPS",
@@ -59,6 +63,12 @@ SPIKE_SCORE_TOTAL = "stability/spike_score_total"
 TREND_LOSS = "stability/loss_trend"
 TREND_NORM = "stability/grad_norm_trend"
 UPDATE_ZSCORE = "stability/update_zscore"
+# The recovery ladder (``on_instability=gg.Recover()``): the LR factor in force, how often
+# it rolled back or lowered the learning rate, incidents counted toward the skip budget.
+RECOVERY_LR_FACTOR = "recovery/lr_factor"
+RECOVERY_ROLLBACKS = "recovery/rollbacks"
+RECOVERY_LR_BACKOFFS = "recovery/lr_backoffs"
+RECOVERY_INCIDENTS = "recovery/incidents_in_window"
 SCALAR_METRICS: tuple[str, ...] = (
     CLIP_THRESHOLD,
     CLIP_COEF,
@@ -72,6 +82,10 @@ SCALAR_METRICS: tuple[str, ...] = (
     TREND_LOSS,
     TREND_NORM,
     UPDATE_ZSCORE,
+    RECOVERY_LR_FACTOR,
+    RECOVERY_ROLLBACKS,
+    RECOVERY_LR_BACKOFFS,
+    RECOVERY_INCIDENTS,
 )
 
 
