@@ -20,12 +20,17 @@ def batches(steps: int = STEPS, micro: int = 1) -> list[list[tuple[torch.Tensor,
     """``steps`` optimizer steps of ``micro`` micro-batches each, the same on every call."""
     gen = torch.Generator().manual_seed(1)
     return [
-        [(torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen)) for _ in range(micro)]
+        [
+            (torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen))
+            for _ in range(micro)
+        ]
         for _ in range(steps)
     ]
 
 
-def make(optimizer: str, lr: float | torch.Tensor = 1e-2) -> tuple[nn.Module, torch.optim.Optimizer]:
+def make(
+    optimizer: str, lr: float | torch.Tensor = 1e-2
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     params = model.parameters()

@@ -196,8 +196,13 @@ class RecoveryLadder:
         self._rung = 1
         why = ""
         if self._exhausted:
-            why = "rollbacks were already exhausted"
-        elif self._rollbacks_in_incident >= options.max_rollbacks:
+            # Already reported (and, with "raise", never reached): keep skipping and start
+            # the LR ramp again from its lowest point, without repeating the Event.
+            self._start_ramp(step, options.lr_factor ** (self._rollbacks_in_incident + 1))
+            self.history.append({"action": "lr_backoff", "step": step, "lr_factor": self._lr_low})
+            del self.history[:-_HISTORY]
+            return
+        if self._rollbacks_in_incident >= options.max_rollbacks:
             why = f"{options.max_rollbacks} rollback(s) did not stabilise training"
         elif self.snapshot is None:
             why = "there is no healthy snapshot to roll back to yet"

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 __all__ = ["recovery_text"]
 
 _REASONS = {
-    "skip": "skipped steps (NaN/Inf or spiking gradients)",
+    "skip": "steps skipped for NaN/Inf or spiking gradients",
     "loss_spike": "loss spikes",
     "divergence": "a steadily rising loss",
 }
@@ -17,7 +17,7 @@ _REASONS = {
 
 def _evidence(count: int, window: int, reasons: Sequence[str]) -> str:
     kinds = ", ".join(_REASONS.get(r, r) for r in sorted(set(reasons))) or "incidents"
-    return f"{count} incidents within {window} steps ({kinds})"
+    return f"{count} incidents within {window} steps, {kinds}"
 
 
 def recovery_text(

@@ -90,9 +90,7 @@ def test_lr_backoff_then_rollback_under_a_scheduler_matches_a_hand_made_referenc
     # ...and the scheduler's own value is back, exactly, after every step.
     assert opt.param_groups[0]["lr"] == schedules[0].get_last_lr()[0] == 0.01 * lam(STEPS)
     kept = set(range(STEPS)) - {12, 13, 14, 20, 21, 22, 23, 24, 25}
-    reference = run_reference(
-        "sgd_momentum", kept, lr_at=lambda t: scheduled[t] * _factor(t)
-    )
+    reference = run_reference("sgd_momentum", kept, lr_at=lambda t: scheduled[t] * _factor(t))
     assert equal_states((model, opt), reference)
     # The metrics of the last logging step (29): one rollback, one back-off, LR at 100%.
     assert guard.last_scalars["gradguard/recovery/rollbacks"] == 1.0
@@ -132,9 +130,7 @@ def test_a_loss_spike_counts_one_step_late_and_rolls_back_past_it() -> None:
     # is read from the packet, after the step); the second spike spends the budget, so step
     # 14 rolls back to step 10's snapshot: the reference never saw steps 10-14.
     recover = gg.Recover(skip_budget=2, window=10, lr_factor=1.0, snapshot_every=5)
-    model, opt, guard, _ = run_guarded(
-        "adam", recover, {12: "loud", 13: "loud"}, observe_loss=True
-    )
+    model, opt, guard, _ = run_guarded("adam", recover, {12: "loud", 13: "loud"}, observe_loss=True)
     assert actions(guard)[0] == (14, "rollback")
     assert next(e for e in guard.events if e.kind == "recovery").details["reasons"] == [
         "loss_spike"
