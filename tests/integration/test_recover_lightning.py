@@ -51,7 +51,7 @@ def test_callback_rolls_back_and_matches_a_run_without_the_undone_batches(
     guard = callback.guard
     assert guard is not None
     recovery = [e for e in guard.events if e.kind == "recovery"]
-    assert [(e.step, e.details["action"]) for e in recovery][0] == (7, "rollback")
+    assert (recovery[0].step, recovery[0].details["action"]) == (7, "rollback")
     assert recovery[0].details["snapshot_step"] == 2
     reference = ScriptedModule(nan=set(), absent=UNDONE, fused=fused)
     with warnings.catch_warnings():
