@@ -91,10 +91,11 @@ def main() -> None:
     device = torch.device(args.device)
     rows = [measure(name, device, args.repeats) for name in args.models.split(",")]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cpu = platform.processor() or platform.machine()
     machine = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}"
+        else f"{cpu}, torch threads {torch.get_num_threads()}"
     )
     lines = [
         "# gradguard recovery ladder: what a snapshot costs",
