@@ -227,6 +227,27 @@ def _gradguard_activations(
     return Attached(teardown=guard.detach)
 
 
+def _gradguard_wandb(histograms: bool, log_every_n_steps: int) -> Setup:
+    """gradguard logging to the shared offline W&B run (no figures): with ``histograms``,
+    per-layer gradient histograms on every logging step, as wandb.watch(log="gradients")
+    makes them on every ``log_freq``-th step."""
+
+    def setup(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Context) -> Attached:
+        from gradguard.integrations.wandb import WandbSink
+
+        sink = WandbSink(run=ctx.wandb_run(), figure_every_n_logs=0)
+        guard = gg.attach(
+            model,
+            optimizer,
+            histograms=histograms,
+            log_every_n_steps=log_every_n_steps,
+            sinks=[sink],
+        )
+        return Attached(teardown=guard.detach)
+
+    return setup
+
+
 def _lightning_grad_norm(
     model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Context
 ) -> Attached:
@@ -325,6 +346,27 @@ def _configs() -> list[Config]:
             "gradguard, activation sampling every step",
             _gradguard_activations,
             note="worst case; the default samples 4 steps in 100",
+        ),
+        Config(
+            "gradguard-wandb-1",
+            "gradguard → W&B, logging every step (`log_every_n_steps=1`)",
+            _gradguard_wandb(False, 1),
+            requires=("wandb",),
+            note="the baseline of the next row: all metrics to W&B every step, no histograms",
+        ),
+        Config(
+            "gradguard-histograms-wandb-1",
+            "gradguard → W&B + `histograms=True`, every step",
+            _gradguard_wandb(True, 1),
+            requires=("wandb",),
+            note="per-layer gradient histograms on the device, every step: compare with "
+            "wandb.watch(log_freq=1)",
+        ),
+        Config(
+            "gradguard-histograms-wandb",
+            "gradguard → W&B + `histograms=True`, defaults (every 50 steps)",
+            _gradguard_wandb(True, 50),
+            requires=("wandb",),
         ),
         Config(
             "lightning-grad-norm",

@@ -8,14 +8,17 @@
 3. Drives headless Chromium over the DevTools protocol (``--remote-debugging-pipe``: no
    extra Python package) at a fixed window size in light mode, waits until each tab has
    rendered, and saves PNGs under ``docs/img/``:
-   - ``tensorboard-custom-scalars.png``: the "gradguard" layout. The y axis of the norm and
-     ratio charts is switched to log scale (the button under each chart) and "Ignore
-     outliers in chart scaling" is off: on a linear axis the vanishing layers all sit on 0.
-   - ``tensorboard-images.png``: the gradient-flow figure of both runs.
+   - ``tensorboard-custom-scalars.png``: the "gradguard" layout as TensorBoard first shows
+     it (no button pressed): the log10 gradient-norm chart shows the vanishing layers at
+     first sight, where the linear chart next to it draws them all on 0.
+   - ``tensorboard-images.png``: the gradient-flow bar chart and heatmap of both runs.
+   - ``tensorboard-histograms.png``: per-layer gradient histograms (``gg.Histograms``) of
+     the first and the last layer, both runs overlaid.
    - ``tensorboard-text.png``: the Events, in the TEXT tab.
 
 Needs Chromium (Debian: ``apt-get install chromium``) and the ``tensorboard`` extra. Every
 step has a time limit, and the server and the browser are always terminated.
+``--logdir DIR`` shoots an existing demo log directory instead of running the demo.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,31 +70,12 @@ CUSTOM_SCALARS_READY = (
 })()
 """
 )
-# Log scale on the charts whose values span decades; outliers not ignored.
-CUSTOM_SCALARS_SETUP = (
-    DEEP_ALL
-    + """
-(() => {
-  for (const dash of deepAll(n => n.tagName === 'TF-CUSTOM-SCALAR-DASHBOARD')) {
-    dash._ignoreYOutliers = false;
-  }
-  let switched = 0;
-  for (const card of deepAll(n => n.tagName === 'TF-CUSTOM-SCALAR-MULTI-LINE-CHART-CARD')) {
-    if (/norm|ratio/.test(card.title || '') && !card._logScaleActive) {
-      card._toggleLogScale();
-      switched += 1;
-    }
-  }
-  return switched;
-})()
-"""
-)
 IMAGES_READY = (
     DEEP_ALL
     + """
 (() => {
   const images = deepAll(n => n.tagName === 'IMG' && /image/.test(n.src || ''));
-  return images.length >= 2 && images.every(img => img.complete && img.naturalWidth > 0);
+  return images.length >= 4 && images.every(img => img.complete && img.naturalWidth > 0);
 })()
 """
 )
@@ -104,6 +89,14 @@ IMAGES_SETUP = (
 })()
 """
 )
+HISTOGRAMS_READY = (
+    DEEP_ALL
+    + """
+(() => deepAll(n => n.tagName === 'TF-HISTOGRAM-LOADER').length >= 2
+  && deepAll(n => n.tagName === 'path').length > 40
+  && !deepAll(n => n.tagName === 'MAT-SPINNER' || n.tagName === 'MAT-PROGRESS-SPINNER').length)()
+"""
+)
 TEXT_READY = (
     DEEP_ALL
     + """
@@ -112,11 +105,21 @@ TEXT_READY = (
 """
 )
 
-# tab, window height (the width is WIDTH), when it has rendered, what to do before the shot.
+# The first and the last layer of the demo's MLPs (the histograms tab's tag filter).
+HISTOGRAM_TAGS = "grad_histogram/(0|20)$"
+# file name, URL hash, window height (the width is WIDTH), when it has rendered, what to
+# do before the shot.
 SHOTS = (
-    ("custom_scalars", 1000, CUSTOM_SCALARS_READY, CUSTOM_SCALARS_SETUP),
-    ("images", 1240, IMAGES_READY, IMAGES_SETUP),
-    ("text", 520, TEXT_READY, None),
+    ("custom-scalars", "custom_scalars", 1000, CUSTOM_SCALARS_READY, None),
+    ("images", "images", 1900, IMAGES_READY, IMAGES_SETUP),
+    (
+        "histograms",
+        "histograms&tagFilter=" + urllib.parse.quote(HISTOGRAM_TAGS, safe=""),
+        720,
+        HISTOGRAMS_READY,
+        None,
+    ),
+    ("text", "text", 520, TEXT_READY, None),
 )
 
 
@@ -323,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--chromium", default=None, help="browser binary (default: chromium)")
+    parser.add_argument("--logdir", type=Path, default=None, help="an existing demo log dir")
     args = parser.parse_args(argv)
     binary = args.chromium or shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
@@ -331,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gradguard-shots-") as tmp:
         work = Path(tmp)
-        logdir = work / "runs"
-        print("running gradguard demo (vanishing) ...")
-        run_demo(logdir, work / "demo.log")
+        logdir = args.logdir or work / "runs"
+        if args.logdir is None:
+            print("running gradguard demo (vanishing) ...")
+            run_demo(logdir, work / "demo.log")
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         tensorboard = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
@@ -342,10 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         with process(tensorboard, work / "tensorboard.log"):
             wait_until("TensorBoard", lambda: len(get_json(f"{base}/data/runs")) >= 2, 120)
             with Browser.launch(binary, work / "profile", work / "chromium.log") as browser:
-                for tab, height, ready, setup in SHOTS:
-                    name = f"tensorboard-{tab.replace('_', '-')}.png"
+                for name, tab, height, ready, setup in SHOTS:
                     url = f"{base}/?darkMode=false#{tab}"
-                    browser.shoot(url, ready, args.out / name, height, setup)
+                    browser.shoot(url, ready, args.out / f"tensorboard-{name}.png", height, setup)
     return 0
 
 

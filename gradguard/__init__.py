@@ -24,20 +24,24 @@ from ._errors import (
 )
 from ._events import EVENT_KINDS, Event
 from ._guard import GradGuard, attach
+from ._histograms import Histograms
 from ._keys import MetricKeys, StepMetrics
 from ._policy import StepDecision
 from ._sinks import LoggingSink, MemorySink, Sink
-from ._stats import LoggedStats, StepStats
+from ._stats import Histogram, LoggedStats, StepStats
 from .activations import ActivationMonitor
 from .clip import AGC, AutoClip, ClipContext, ClipResult, ClipStrategy, NormClip, ValueClip, ZClip
 from .detect import (
+    ClippedElsewhereDetector,
     Detector,
     GradientFlowDetector,
     GuardContext,
+    LearningRateDetector,
     LossSpikeDetector,
     NonfiniteForensics,
     SpikeDetector,
     StabilityScore,
+    SymmetryDetector,
     TrendDetector,
     UpdateSpikeDetector,
     default_detectors,
@@ -53,6 +57,7 @@ __all__ = [
     "ClipContext",
     "ClipResult",
     "ClipStrategy",
+    "ClippedElsewhereDetector",
     "ConfigurationError",
     "Detector",
     "EVENT_KINDS",
@@ -65,6 +70,9 @@ __all__ = [
     "GradientFlowDetector",
     "GuardContext",
     "GuardOptions",
+    "Histogram",
+    "Histograms",
+    "LearningRateDetector",
     "LoggedStats",
     "LoggingSink",
     "LossSpikeDetector",
@@ -80,6 +88,7 @@ __all__ = [
     "StepDecision",
     "StepMetrics",
     "StepStats",
+    "SymmetryDetector",
     "TrendDetector",
     "UpdateSpikeDetector",
     "ValueClip",

@@ -14,7 +14,7 @@ from typing import Any
 
 from ._config import GuardConfig
 from ._debounce import Debouncer, Finding
-from ._errors import GradGuardWarning
+from ._errors import GradGuardWarning, user_stacklevel
 from ._events import Event
 from ._ratelimit import RateLimiter
 from ._sinks import SinkSet
@@ -57,7 +57,7 @@ class Announcer:
             return event
         self.sinks.log_event(event)
         if warn and self.config.warn and self._warnings.admit(event.kind, event.step) is not None:
-            warnings.warn(str(event), GradGuardWarning, stacklevel=4)
+            warnings.warn(str(event), GradGuardWarning, stacklevel=user_stacklevel())
         return event
 
     def state_dict(self) -> dict[str, Any]:

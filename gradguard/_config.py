@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
 from ._errors import ConfigurationError, check_choice, check_positive_int
+from ._histograms import Histograms
 from ._sinks import Sink
 from .activations.monitor import ActivationMonitor
 from .clip import resolve_clip
@@ -40,6 +41,7 @@ class GuardOptions(TypedDict, total=False):
     log_every_n_steps: int
     sinks: Iterable[Sink]
     detectors: Sequence[Detector] | None
+    histograms: bool | Histograms | None
     update_ratio: UpdateRatio
     prefix: str
     warn: bool
@@ -101,6 +103,14 @@ class GuardConfig:
         else:
             detectors = _instances(
                 "detectors", detectors_option, Detector, "gg.GradientFlowDetector()"
+            )
+        histograms = get("histograms")
+        if histograms is True or isinstance(histograms, Histograms):
+            # A Detector-like part: it hands device tensors to the logging step's bulk copy.
+            detectors.append(Histograms() if histograms is True else histograms)
+        elif histograms is not None and histograms is not False:
+            raise ConfigurationError.bad_value(
+                "histograms", histograms, "expected True, False or a gg.Histograms(...)"
             )
         update_ratio = get("update_ratio", "auto")
         if update_ratio not in (True, False, "auto") or (

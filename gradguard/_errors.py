@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,7 +12,36 @@ __all__ = [
     "GradGuardWarning",
     "GradientAlarmError",
     "MissingDependencyError",
+    "user_stacklevel",
 ]
+
+# Frames of these packages are never "the user's line": a warning raised from inside an
+# optimizer hook points past torch's (and the training framework's) wrappers.
+_LIBRARY_MODULES = (
+    "gradguard",
+    "torch",
+    "lightning",
+    "pytorch_lightning",
+    "transformers",
+    "accelerate",
+    "contextlib",
+    "functools",
+)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called by the caller of this function that
+    points at the first frame outside gradguard, torch and the training frameworks (the
+    user's ``optimizer.step()`` or ``trainer.fit()`` line), wherever the warning is raised."""
+    frame = sys._getframe(1)  # the function that will call warnings.warn
+    level = 1
+    while frame is not None:
+        name = str(frame.f_globals.get("__name__", ""))
+        if name.split(".", 1)[0] not in _LIBRARY_MODULES:
+            return level
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return 1
 
 
 class GradGuardError(Exception):

@@ -9,15 +9,23 @@ __all__ = ["EVENT_KINDS", "Event", "Severity"]
 
 Severity = Literal["warning", "error"]
 # The built-in kinds, most urgent first (the report and the dashboards use this order).
+# An fp16 overflow about to happen comes right after one that happened; causes (symmetric
+# units, the learning rate, the inputs' scale) come before the symptoms they produce
+# (vanishing, exploding, dead, saturated units), so the report's remedies lead with them.
 # Detectors you write may use kinds of their own.
 EVENT_KINDS: tuple[str, ...] = (
     "recovery",
     "nonfinite",
     "nonfinite_source",
+    "overflow_risk",
     "loss_spike",
     "divergence",
     "spike",
     "update_spike",
+    "symmetric_units",
+    "lr_too_high",
+    "input_scale",
+    "clipped_elsewhere",
     "vanishing",
     "exploding",
     "dead_units",

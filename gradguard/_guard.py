@@ -76,8 +76,12 @@ class GradGuard(GuardReadout):
             0, N, 2N, ... (one bulk copy each).
         sinks: where scalars and Events go (``MemorySink``, ``LoggingSink``,
             ``TensorBoardSink``, ``WandbSink`` or your own ``Sink``).
-        detectors: the host-side detectors (default: ``gg.default_detectors()``, the
-            gradient-flow detector); NaN/Inf, spikes and activations have their own knobs.
+        detectors: the host-side detectors (default: ``gg.default_detectors()``: gradient
+            flow, symmetric units, learning rate, clipping done elsewhere, loss spikes,
+            trends, update spikes, the stability score, NaN forensics); NaN/Inf, spikes and
+            activations have their own knobs.
+        histograms: ``True`` or a ``gg.Histograms(...)``: per-layer histograms of log10
+            |gradient| counted on the device on logging steps (off by default).
         update_ratio: log ``||update|| / ||param||`` per layer on logging steps. It copies the
             parameters for that step; ``"auto"`` does so for models up to 128M elements.
         prefix: the first part of every metric key.
@@ -125,6 +129,7 @@ class GradGuard(GuardReadout):
         self._depth_source = "registration"
         self._compiled = False
         self._last_layers: list[str] = []
+        self._last_blind_spots: list[str] = []
         self._loss: torch.Tensor | None = None
         self._loss_parts = 0
         self._mirror = HostMirror(self._on_packet)
@@ -141,7 +146,13 @@ class GradGuard(GuardReadout):
         self.bind(model, optimizer)
         binding = self._binding
         assert binding is not None
-        binding.handles += register_step_hooks(binding.optimizer, self.before_step, self.after_step)
+        try:
+            binding.handles += register_step_hooks(
+                binding.optimizer, self.before_step, self.after_step
+            )
+        except BaseException:
+            self.detach()  # whatever raised, attach leaves nothing behind
+            raise
         return self
 
     def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> GradGuard:
@@ -227,6 +238,7 @@ class GradGuard(GuardReadout):
                 part.release(self)
         _watched_optimizers.discard(binding.optimizer)
         self._last_layers = list(binding.layout.names)
+        self._last_blind_spots = binding.blind_spots(self.config)  # the report after detach
         self._binding = None
         if binding.rank_zero:
             self.sinks.flush()
@@ -263,6 +275,7 @@ class GradGuard(GuardReadout):
         found_inf: torch.Tensor | None = None,
         sink_step: int | None = None,
         apply_skip: bool = True,
+        log: bool | None = None,
     ) -> StepDecision:
         """Measure, detect, clip and maybe skip, right before the optimizer updates.
 
@@ -273,6 +286,9 @@ class GradGuard(GuardReadout):
         Lightning, ``trainer.global_step``); the guard's own step by default.
         ``apply_skip=False``: leave a sync-free skip to the caller (it hands
         ``decision.skip_flag`` to the optimizer itself, e.g. through the scaler).
+        ``log``: publish this step (True) or not (False) whatever ``log_every_n_steps``
+        says, for adapters that follow their framework's logging schedule; by default a
+        step is published when ``step % log_every_n_steps == 0``.
         """
         binding = self._binding
         if binding is None:
@@ -301,7 +317,7 @@ class GradGuard(GuardReadout):
             raise
         note = (out.spec, out.decision.skip, out.norms.present_host, binding.names, out.host_values)
         self._mirror.push(step, out.packet, note)
-        if step % self.config.log_every_n_steps == 0:
+        if (step % self.config.log_every_n_steps == 0) if log is None else log:
             snapshot = snapshot_params(binding.layout) if binding.track_updates else None
             self._pending_log = PendingLog(step, shown, out.norms, out.clip, snapshot)
         self._step = step + 1

@@ -53,10 +53,13 @@ def register_step_hooks(
     def post_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         after()
 
-    return [
-        optimizer.register_step_pre_hook(pre_hook),
-        optimizer.register_step_post_hook(post_hook),
-    ]
+    pre = optimizer.register_step_pre_hook(pre_hook)
+    try:
+        post = optimizer.register_step_post_hook(post_hook)
+    except BaseException:
+        pre.remove()
+        raise
+    return [pre, post]
 
 
 def _find_closure(

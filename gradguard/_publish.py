@@ -21,10 +21,13 @@ from ._stats import (
     CLIP_COEF,
     CLIP_THRESHOLD,
     GRAD_NORM,
+    HISTOGRAM_METRICS,
     LAYER_METRICS,
     PARAM_NORM,
     UPDATE_RATIO,
+    Histogram,
     LoggedStats,
+    unpack_histograms,
 )
 from .clip.base import ClipResult
 
@@ -101,10 +104,13 @@ def collect(
         GRAD_NORM: tuple(v if present[i] else None for i, v in enumerate(head[1:]))
     }
     scalars: dict[str, float] = {}
+    histograms: dict[str, Mapping[str, Histogram]] = {}
     for name, data in by_name.items():
         if name in ("head", "present"):
             continue
-        if name in LAYER_METRICS and len(data) == num_layers:
+        if name in HISTOGRAM_METRICS:  # one packed row per layer (gg.Histograms)
+            histograms[name] = unpack_histograms(layout.names, data)
+        elif name in LAYER_METRICS and len(data) == num_layers:
             if name == UPDATE_RATIO:
                 per_layer[name] = tuple(v if present[i] else None for i, v in enumerate(data))
             elif name == PARAM_NORM:
@@ -125,4 +131,5 @@ def collect(
         per_layer=per_layer,
         scalars=scalars,
         present=present,
+        histograms=histograms,
     )

@@ -42,6 +42,7 @@ class GuardReadout:
     _clipped_steps: int
     _depth_source: str
     _last_layers: list[str]
+    _last_blind_spots: list[str]
     _last_scalars: dict[str, float]
     _last_stats: LoggedStats | None
 
@@ -137,7 +138,9 @@ class GuardReadout:
 
     def blind_spots(self) -> list[str]:
         """What this guard cannot observe on its model, in plain words."""
-        return self._binding.blind_spots(self.config) if self._binding is not None else []
+        if self._binding is None:  # detached: what it could not observe while attached
+            return list(self._last_blind_spots)
+        return self._binding.blind_spots(self.config)
 
     # ------------------------------------------------------------------ reporting
     @property

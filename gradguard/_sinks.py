@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
-from ._errors import GradGuardWarning, check_number
+from ._errors import GradGuardWarning, check_number, user_stacklevel
 from ._events import Event
 from ._ratelimit import RateLimiter
 
@@ -138,7 +138,7 @@ class SinkSet:
                     f"{type(exc).__name__}: {exc}. Training goes on; other sinks still "
                     "receive data.",
                     GradGuardWarning,
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:

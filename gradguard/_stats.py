@@ -9,18 +9,26 @@ Nothing here formats a metric key: that is ``_keys.py``'s job.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "ACT_ABSMAX",
     "CLIP_COEF",
     "CLIP_THRESHOLD",
     "CLIPPED_STEPS",
     "DEAD_FRACTION",
+    "GRAD_HISTOGRAM",
     "GRAD_NORM",
+    "INPUT_MEAN",
+    "INPUT_RMS",
+    "INPUT_SPREAD",
+    "INPUT_STD",
+    "HISTOGRAM_METRICS",
     "LAYER_METRICS",
     "LOSS_ZSCORE",
     "NONFINITE_STEPS",
+    "PARAM_HISTOGRAM",
     "PARAM_NORM",
     "RECOVERY_INCIDENTS",
     "RECOVERY_LR_BACKOFFS",
@@ -34,10 +42,13 @@ __all__ = [
     "SPIKE_ZSCORE",
     "TREND_LOSS",
     "TREND_NORM",
+    "UNIT_SPREAD",
     "UPDATE_RATIO",
     "UPDATE_ZSCORE",
+    "Histogram",
     "LoggedStats",
     "StepStats",
+    "unpack_histograms",
 ]
 
 # Per-layer metrics, in the order the sinks receive them.
@@ -46,7 +57,11 @@ PARAM_NORM = "param_norm"
 UPDATE_RATIO = "update_ratio"
 DEAD_FRACTION = "dead_fraction"
 SATURATION = "saturation"
-LAYER_METRICS: tuple[str, ...] = (GRAD_NORM, PARAM_NORM, UPDATE_RATIO, DEAD_FRACTION, SATURATION)
+ACT_ABSMAX = "act_absmax"  # largest |output| of the layer over a sampled window
+UNIT_SPREAD = "unit_spread"  # how much the layer's units (weight rows) differ; 0: all identical
+LAYER_METRICS: tuple[str, ...] = (
+    GRAD_NORM, PARAM_NORM, UPDATE_RATIO, DEAD_FRACTION, SATURATION, ACT_ABSMAX, UNIT_SPREAD
+)  # fmt: skip
 
 # Scalar metrics (the total gradient norm has a key of its own, ``grad_norm_total``).
 CLIP_THRESHOLD = "clip/threshold"
@@ -63,6 +78,12 @@ SPIKE_SCORE_TOTAL = "stability/spike_score_total"
 TREND_LOSS = "stability/loss_trend"
 TREND_NORM = "stability/grad_norm_trend"
 UPDATE_ZSCORE = "stability/update_zscore"
+# The first layer's inputs over a sampled window (activation monitor): overall mean, std and
+# RMS, and how much the features' scales differ (90th / 10th percentile of their RMS).
+INPUT_MEAN = "input/mean"
+INPUT_STD = "input/std"
+INPUT_RMS = "input/rms"
+INPUT_SPREAD = "input/feature_spread"
 # The recovery ladder (``on_instability=gg.Recover()``): the LR factor in force, how often
 # it rolled back or lowered the learning rate, incidents counted toward the skip budget.
 RECOVERY_LR_FACTOR = "recovery/lr_factor"
@@ -82,11 +103,20 @@ SCALAR_METRICS: tuple[str, ...] = (
     TREND_LOSS,
     TREND_NORM,
     UPDATE_ZSCORE,
+    INPUT_MEAN,
+    INPUT_STD,
+    INPUT_RMS,
+    INPUT_SPREAD,
     RECOVERY_LR_FACTOR,
     RECOVERY_ROLLBACKS,
     RECOVERY_LR_BACKOFFS,
     RECOVERY_INCIDENTS,
 )
+
+# Per-layer histograms (``gg.Histograms``): of log10 |gradient| and log10 |parameter|.
+GRAD_HISTOGRAM = "grad_histogram"
+PARAM_HISTOGRAM = "param_histogram"
+HISTOGRAM_METRICS: tuple[str, ...] = (GRAD_HISTOGRAM, PARAM_HISTOGRAM)
 
 
 @dataclass(slots=True)
@@ -126,6 +156,47 @@ class StepStats:
 
 
 @dataclass(frozen=True)
+class Histogram:
+    """One layer's entries binned by log10 of their magnitude, counted on the device.
+
+    ``edges`` are the ``len(counts) + 1`` bin edges in log10 units (``-6.0`` is 1e-6); the
+    first and last bins also hold the entries below and above that range. ``zeros``
+    counts entries that are exactly 0 and ``nonfinite`` the NaN/Inf ones: they have no
+    logarithm and are in no bin.
+    """
+
+    edges: tuple[float, ...]
+    counts: tuple[float, ...]
+    zeros: float = 0.0
+    nonfinite: float = 0.0
+
+    @property
+    def entries(self) -> float:
+        """Every entry counted: binned, zero or non-finite."""
+        return sum(self.counts) + self.zeros + self.nonfinite
+
+    @classmethod
+    def unpack(cls, row: Sequence[float]) -> Histogram | None:
+        """From a device row ``[low, high, count_0, ..., count_B-1, zeros, nonfinite]``;
+        ``None`` for a row of NaN (a layer not histogrammed)."""
+        low, high, *counts, zeros, nonfinite = row
+        if math.isnan(low) or not counts:
+            return None
+        width = (high - low) / len(counts)
+        edges = (*(low + i * width for i in range(len(counts))), high)
+        return cls(edges, tuple(counts), zeros, nonfinite)
+
+
+def unpack_histograms(layers: Sequence[str], flat: Sequence[float]) -> dict[str, Histogram]:
+    """One packed row per layer (see ``Histogram.unpack``), by layer name."""
+    if not layers or len(flat) % len(layers):
+        return {}
+    size = len(flat) // len(layers)
+    rows = (Histogram.unpack(flat[i * size : (i + 1) * size]) for i in range(len(layers)))
+    return {name: row for name, row in zip(layers, rows) if row is not None}
+
+
+@dataclass(frozen=True)
 class LoggedStats:
     """Everything measured on a logging step, on the host.
 
@@ -133,7 +204,8 @@ class LoggedStats:
     ``trainer.global_step``). ``per_layer`` maps a metric of ``LAYER_METRICS`` to one value
     per layer (``None``: not measured this step, e.g. a layer without a gradient, or
     activations outside a sampled window). ``scalars`` maps metric names of
-    ``SCALAR_METRICS`` to numbers.
+    ``SCALAR_METRICS`` to numbers. ``histograms`` maps a metric of ``HISTOGRAM_METRICS``
+    to the layers histogrammed this step (only with ``gg.Histograms``, at its rate).
     """
 
     step: int
@@ -143,6 +215,7 @@ class LoggedStats:
     per_layer: Mapping[str, tuple[float | None, ...]]
     scalars: Mapping[str, float]
     present: tuple[bool, ...]
+    histograms: Mapping[str, Mapping[str, Histogram]] = field(default_factory=dict)
 
     @property
     def grad_norm(self) -> tuple[float | None, ...]:

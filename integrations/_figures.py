@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradguard._dist import is_rank_zero
-from gradguard._errors import MissingDependencyError
+from gradguard._errors import GradGuardWarning, MissingDependencyError
 from gradguard._keys import StepMetrics
-from gradguard._stats import CLIP_THRESHOLD
+from gradguard._stats import CLIP_THRESHOLD, Histogram
 from gradguard.report.advice import fmt
 
 if TYPE_CHECKING:
@@ -26,7 +27,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GradientFlow",
+    "HistogramSpan",
+    "figures_available",
     "gradient_flow",
+    "histogram_span",
     "prefix_of",
     "is_rank_zero",
     "render_gradient_flow",
@@ -51,6 +55,55 @@ def require(package: str, extra: str) -> None:
         found = False
     if not found:
         raise MissingDependencyError(package, extra)
+
+
+def figures_available(sink: str, extra: str, kept: str) -> bool:
+    """True if matplotlib can draw; else warn once (for this sink) what is missing, which
+    extra brings it, and what the sink still writes (``kept``)."""
+    try:
+        require("matplotlib", extra)
+    except MissingDependencyError:
+        if is_rank_zero():
+            warnings.warn(
+                f"{sink} draws no figures (the gradient-flow bar chart and heatmap): "
+                f"matplotlib is not installed; pip install 'gradguard[{extra}]' brings it. "
+                f"{kept} are written as usual.",
+                GradGuardWarning,
+                stacklevel=3,
+            )
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class HistogramSpan:
+    """A device histogram cut to its occupied bins, with the moments dashboards ask for
+    (computed from the bin centres: the entries themselves never left the device)."""
+
+    edges: tuple[float, ...]  # len(counts) + 1
+    counts: tuple[float, ...]
+    total: float
+    sum: float
+    sum_squares: float
+
+
+def histogram_span(histogram: Histogram) -> HistogramSpan | None:
+    """The bins from the first to the last occupied one; ``None`` if no entry was binned."""
+    counts = histogram.counts
+    occupied = [i for i, count in enumerate(counts) if count > 0]
+    if not occupied:
+        return None
+    first, last = occupied[0], occupied[-1]
+    edges = histogram.edges[first : last + 2]
+    kept = counts[first : last + 1]
+    centres = [(edges[i] + edges[i + 1]) / 2 for i in range(len(kept))]
+    return HistogramSpan(
+        edges=tuple(edges),
+        counts=tuple(kept),
+        total=float(sum(kept)),
+        sum=sum(c * x for c, x in zip(kept, centres)),
+        sum_squares=sum(c * x * x for c, x in zip(kept, centres)),
+    )
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,14 @@ What lands in the run:
   files that cannot be appended to, so the file is rewritten at most once per logging step
   while new Events arrive (at once for error Events, so a crash does not lose them), and at
   ``flush()``. Events are debounced by the guard: a run has a handful, not one per step.
-- The gradient-flow figure as a time-stepped image, key ``gradguard/gradient_flow`` (the
-  run's "Images" charts, with a step slider; stored under ``images/``): one bar per layer,
-  input to output, log scale, NaN/Inf in red. Logged on the first logging step, then every
+- Two figures as time-stepped images (the run's "Images" charts, with a step slider;
+  stored under ``images/``): ``gradguard/gradient_flow``, one bar per layer, input to
+  output, log scale, NaN/Inf in red; and ``gradguard/gradient_flow_heatmap``, the run so
+  far, layers x logging steps, colour = log10 gradient norm (NaN/Inf red, no gradient
+  grey, exactly 0 black). Logged on the first logging step, then every
   ``figure_every_n_logs`` logging steps, and for the last logging step at ``flush()``.
   Without matplotlib (``pip install 'gradguard[mlflow]'``) the sink says so once and logs
-  everything else.
+  everything else. MLflow has no histogram chart: ``gg.Histograms`` are not sent here.
 - ``log_report(guard.report())`` (yours to call) writes ``gradguard/report.txt``.
 
 Training never waits for MLflow. Writes go, in order, to one background thread (which also
@@ -86,11 +88,12 @@ from gradguard._keys import MetricKeys
 
 from ._figures import (
     GradientFlow,
+    figures_available,
     gradient_flow,
     prefix_of,
     render_gradient_flow,
-    require,
 )
+from ._heatmap import FlowColumn, FlowHistory, render_heatmap
 from ._mlflow_writer import MAX_ENTITIES_PER_CALL as _MAX_ENTITIES_PER_CALL
 from ._mlflow_writer import MAX_PENDING as _MAX_PENDING
 from ._mlflow_writer import Batch as _Batch
@@ -167,8 +170,8 @@ class MlflowSink:
         tracking_uri: or the tracking URI of ``run_id``'s store (``MlflowClient(tracking_uri)``).
             By default the current one (``mlflow.get_tracking_uri()``). ``client`` and
             ``tracking_uri`` go with ``run_id``: the active run lives in the current store.
-        figure_every_n_logs: log the gradient-flow figure on the first logging step, then
-            every this many logging steps (``0``: never).
+        figure_every_n_logs: log the figures (bar chart and heatmap) on the first logging
+            step, then every this many logging steps (``0``: never).
         prefix: the metric-key prefix; by default read from the keys the guard sends.
         flush_timeout_s: how long ``flush()``/``close()`` wait for MLflow to take the queued
             writes before raising (the guard then disables the sink; training goes on).
@@ -207,18 +210,9 @@ class MlflowSink:
             "figure_every_n_logs", figure_every_n_logs, allow_zero=True
         )
         self.flush_timeout_s = check_number("flush_timeout_s", flush_timeout_s, low=0.0)
-        self._figures_on = self.figure_every_n_logs > 0
-        if self._figures_on:
-            try:
-                require("matplotlib", "mlflow")
-            except MissingDependencyError as error:
-                self._figures_on = False
-                warnings.warn(
-                    f"MlflowSink logs no gradient-flow figure: {error}. Metrics and Events "
-                    "are logged as usual.",
-                    GradGuardWarning,
-                    stacklevel=2,
-                )
+        self._figures_on = self.figure_every_n_logs > 0 and figures_available(
+            "MlflowSink", "mlflow", "Metrics, tags and the Events file"
+        )
         self.run_id = run_id
         self.prefix = prefix
         self._client: Any = client
@@ -232,6 +226,7 @@ class MlflowSink:
         self._events_written = 0
         self._logs = 0
         self._unpainted: GradientFlow | None = None
+        self._history = FlowHistory()
         self._notices: deque[str] = deque()  # from the writer thread, warned on the caller's
         self._exit_hook = False
         self._closed = False
@@ -288,8 +283,10 @@ class MlflowSink:
         flow = gradient_flow(scalars, step)
         if flow is None:
             return
+        self._history.add(flow)
         if (self._logs - 1) % self.figure_every_n_logs == 0:
-            self._put(lambda: self._log_figure(flow, now))
+            columns = self._history.columns()  # a snapshot: the thread draws it later
+            self._put(lambda: self._log_figure(flow, columns, now))
         else:
             self._unpainted = flow
 
@@ -319,7 +316,8 @@ class MlflowSink:
         if self._unpainted is not None and self._figures_on:
             flow, self._unpainted = self._unpainted, None
             now = int(time.time() * 1000)
-            self._put(lambda: self._log_figure(flow, now))
+            columns = self._history.columns()
+            self._put(lambda: self._log_figure(flow, columns, now))
         self._queue_events_file()
         done = self._writer.wait_idle(timeout)
         self._check_writer()
@@ -428,20 +426,26 @@ class MlflowSink:
             self.client.log_batch(self.run_id, metrics=metrics[:room], tags=tags, synchronous=True)
             metrics, tags, first = metrics[room:], [], False
 
-    def _log_figure(self, flow: GradientFlow, timestamp: int) -> None:
-        """On the writer thread: draw and log one figure; a failure turns figures off."""
+    def _log_figure(
+        self, flow: GradientFlow, columns: tuple[FlowColumn, ...], timestamp: int
+    ) -> None:
+        """On the writer thread: draw and log the figures; a failure turns figures off."""
         if not self._figures_on:
             return
-        key = _BAD_IMAGE_KEY_CHARS.sub(
-            "_", MetricKeys(self.prefix or "gradguard").figure("gradient_flow")
-        )
+        keys = MetricKeys(self.prefix or "gradguard")
         try:
-            pixels = render_gradient_flow(flow)
-            self.client.log_image(self.run_id, pixels, key=key, step=flow.step, timestamp=timestamp)
+            for name, pixels in (
+                ("gradient_flow", render_gradient_flow(flow)),
+                ("gradient_flow_heatmap", render_heatmap(columns)),
+            ):
+                key = _BAD_IMAGE_KEY_CHARS.sub("_", keys.figure(name))
+                self.client.log_image(
+                    self.run_id, pixels, key=key, step=flow.step, timestamp=timestamp
+                )
         except Exception as error:  # a figure never costs the metrics
             self._figures_on = False
             self._notices.append(
-                f"gradguard could not log the gradient-flow figure ({type(error).__name__}: "
+                f"gradguard could not log the gradient-flow figures ({type(error).__name__}: "
                 f"{error}); MlflowSink goes on without figures."
             )
 

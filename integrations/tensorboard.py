@@ -10,26 +10,35 @@ What lands in TensorBoard:
 - Scalars, one ``add_scalar`` per metric under its hierarchical key
   (``gradguard/grad_norm/<layer>``, ...). Never ``add_scalars``, which opens one event
   file per tag.
+- The same per-layer gradient norms as log10 (``gradguard/grad_norm_log10/<layer>``), a
+  series this sink derives: on a plain linear axis a vanishing layer (1e-9) is as far
+  from a healthy one (1e-2) as -9 is from -2, where the linear chart draws both at 0.
+  ``log10_norms=False`` leaves it out. A layer whose gradient is exactly 0 has no point.
 - A custom-scalars layout, written once at the first logging step: a "gradguard" category
   in the CUSTOM SCALARS tab with the total gradient norm and the clip threshold on one
-  chart, every layer's gradient norm on one multi-line chart, skipped steps, dead-unit and
+  chart, every layer's log10 gradient norm on one chart (a vanishing layer sits at the
+  bottom, at first sight), every layer's gradient norm, skipped steps, dead-unit and
   saturation fractions per layer, update ratios, parameter norms, the clip coefficient and
-  the spike z-score (charts of metrics the guard does not log are left out). Gradient norms
-  span decades: the chart's "log scale" button (under each chart) shows them best. The
-  layout is metadata only; a writer holds one layout, so if you write your own with
+  the spike z-score (charts of metrics the guard does not log are left out). The layout
+  is metadata only; a writer holds one layout, so if you write your own with
   ``add_custom_scalars`` on the same writer, one of the two wins.
-- A gradient-flow figure in the IMAGES tab (``gradguard/gradient_flow``): one bar per layer,
-  input to output, log scale, NaN/Inf in red. Drawn on the first logging step, then every
-  ``figure_every_n_logs`` logging steps, and for the last logging step when the sink is
-  flushed (``detach()``, end of fit). matplotlib's Agg canvas: no display needed.
+- Two figures in the IMAGES tab: the gradient flow of one step (``gradguard/gradient_flow``:
+  one bar per layer, input to output, log scale, NaN/Inf in red) and of the whole run
+  (``gradguard/gradient_flow_heatmap``: layers x logging steps, colour = log10 gradient
+  norm; NaN/Inf red, no gradient grey, exactly 0 black). Drawn on the first logging step,
+  then every ``figure_every_n_logs`` logging steps, and for the last logging step when the
+  sink is flushed (``detach()``, end of fit). matplotlib's Agg canvas: no display needed.
+  Without matplotlib the sink says so once (``pip install 'gradguard[tensorboard]'``) and
+  writes everything else.
 - Events in the TEXT tab, one tag per kind (``gradguard/events/nonfinite``, ...), at the
   step they happened: what was found, where, the number, and what to try.
-- ``histograms=True`` (off by default) adds, at the figure's rate, a histogram of log10 of
-  the per-layer gradient norms (``gradguard/grad_norm_log10_across_layers``): how widely the
-  layers' gradients spread, step by step, in the DISTRIBUTIONS/HISTOGRAMS tabs. Histograms
-  of the gradient *values* of each tensor are not written: the core hands sinks per-layer
-  norms, not tensors, and copying whole gradients to the host would cost more than all
-  of gradguard's statistics together.
+- Per-layer histograms of log10 |gradient| (and |parameter|) in the HISTOGRAMS and
+  DISTRIBUTIONS tabs (``gradguard/grad_histogram/<layer>``, ``gradguard/param_histogram/...``)
+  when the guard makes them: ``gg.attach(..., histograms=gg.Histograms(include=[...]))``.
+  They are counted on the device; this sink writes the bins it is handed.
+- ``histograms=True`` (off by default) adds, at the figure's rate, one histogram of log10
+  of the per-layer gradient norms (``gradguard/grad_norm_log10_across_layers``): how
+  widely the layers' gradients spread, step by step.
 
 The writer is created on the first write, so a sink built on every rank of a distributed
 job writes files on rank zero only (the guard only calls sinks there). A writer passed in
@@ -38,6 +47,7 @@ is flushed by ``close()``, never closed: its owner (you, or Lightning) closes it
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -50,7 +60,7 @@ from gradguard._errors import (
     check_positive_int,
 )
 from gradguard._events import Event
-from gradguard._keys import TOTAL_NORM, MetricKeys
+from gradguard._keys import TOTAL_NORM, MetricKeys, StepMetrics
 from gradguard._stats import (
     CLIP_COEF,
     CLIP_THRESHOLD,
@@ -67,28 +77,35 @@ from gradguard._stats import (
 
 from ._figures import (
     GradientFlow,
+    figures_available,
     gradient_flow,
+    histogram_span,
     layer_norm_histogram_values,
     prefix_of,
     render_gradient_flow,
     require,
     show,
 )
+from ._heatmap import FlowHistory, render_heatmap
 
-__all__ = ["TensorBoardSink", "custom_scalars_layout"]
+__all__ = ["GRAD_NORM_LOG10", "TensorBoardSink", "custom_scalars_layout"]
 
 LAYOUT_TAG = "custom_scalars__config__"  # where TensorBoard's custom-scalars plugin looks
+# A series only this sink writes (derived from grad_norm): TensorBoard's custom-scalars
+# charts have no log-axis setting, so a log10 series is what shows a vanishing layer.
+GRAD_NORM_LOG10 = "grad_norm_log10"
 
 
 def custom_scalars_layout(
-    prefix: str = "gradguard", keys: Iterable[str] | None = None
+    prefix: str = "gradguard", keys: Iterable[str] | None = None, *, log10_norms: bool = True
 ) -> dict[str, dict[str, list[Any]]]:
     """The custom-scalars layout for metric keys under ``prefix`` (regexes on the tags).
 
-    ``keys``: the first logging step's keys. Charts of metrics that are there from the
-    first step or never (clip, spike z-score, update ratio) are left out when absent, so
-    the panel shows no empty charts; the activation charts (dead units, saturation) stay,
-    as their first values arrive a few steps later.
+    ``log10_norms``: chart the sink's ``grad_norm_log10/<layer>`` series (before the
+    linear per-layer chart). ``keys``: the first logging step's keys. Charts of metrics
+    that are there from the first step or never (clip, spike z-score, update ratio) are
+    left out when absent, so the panel shows no empty charts; the activation charts (dead
+    units, saturation) stay, as their first values arrive a few steps later.
     """
     metric_keys = MetricKeys(prefix)
     present = None if keys is None else set(keys)
@@ -108,6 +125,13 @@ def custom_scalars_layout(
             if clip
             else "gradient norm: total"
         ): ["Multiline", [exact(TOTAL_NORM), exact(CLIP_THRESHOLD)]],
+    }
+    if log10_norms:
+        charts["log10 gradient norm per layer (the lowest lines: vanishing layers)"] = [
+            "Multiline",
+            [family(GRAD_NORM_LOG10)],
+        ]
+    charts |= {
         "gradient norm per layer": ["Multiline", [family(GRAD_NORM)]],
         "skipped steps (and steps with NaN/Inf gradients)": [
             "Multiline",
@@ -155,9 +179,13 @@ class TensorBoardSink:
         writer: an existing ``SummaryWriter`` (torch's or tensorboardX's; Lightning's
             ``TensorBoardLogger.experiment``). Flushed, never closed, by this sink.
         histograms: also write a histogram of log10 per-layer gradient norms at the
-            figure's rate (not per-tensor gradient histograms: see the module docstring).
-        figure_every_n_logs: draw the gradient-flow figure on the first logging step and
-            then every this many logging steps (``0``: never). Drawing takes ~0.1 s.
+            figure's rate. (Histograms of each layer's gradient entries come from the
+            guard's ``histograms=gg.Histograms(...)``, and are written whatever this says.)
+        figure_every_n_logs: draw the figures (bar chart and heatmap) on the first logging
+            step and then every this many logging steps (``0``: never). Drawing both takes
+            ~0.3 s on a CPU core; the heatmap keeps every logging step in bounded memory.
+        log10_norms: also write each layer's gradient norm as log10 (its own chart in the
+            custom-scalars layout: see the module docstring).
         prefix: the metric-key prefix; by default read from the keys the guard sends.
     """
 
@@ -168,20 +196,28 @@ class TensorBoardSink:
         writer: Any = None,
         histograms: bool = False,
         figure_every_n_logs: int = 10,
+        log10_norms: bool = True,
         prefix: str | None = None,
     ) -> None:
         self.figure_every_n_logs = check_positive_int(
             "figure_every_n_logs", figure_every_n_logs, allow_zero=True
         )
         self.histograms = bool(histograms)
+        self.log10_norms = bool(log10_norms)
         if writer is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:
                 raise MissingDependencyError("tensorboard", "tensorboard") from error
             self._writer_class: Any = SummaryWriter
-        if self.figure_every_n_logs or self.histograms:
-            require("matplotlib" if self.figure_every_n_logs else "numpy", "tensorboard")
+        if self.histograms:
+            require("numpy", "tensorboard")
+        # Without matplotlib: say so once, and write all the rest (none of it needs it).
+        self._figures_on = self.figure_every_n_logs > 0 and figures_available(
+            "TensorBoardSink",
+            "tensorboard",
+            "Scalars, the custom-scalars layout, histograms and Events",
+        )
         self.log_dir = log_dir
         self._writer: Any = writer
         self._owns_writer = writer is None
@@ -189,7 +225,7 @@ class TensorBoardSink:
         self._layout_written = False
         self._logs = 0
         self._unpainted: GradientFlow | None = None
-        self._figures_on = self.figure_every_n_logs > 0
+        self._history = FlowHistory()
         self._closed = False
 
     # ------------------------------------------------------------------ the writer
@@ -208,18 +244,26 @@ class TensorBoardSink:
             return
         if self.prefix is None:
             self.prefix = prefix_of(scalars)
+        keys = MetricKeys(self.prefix)
         writer = self.writer
         if not self._layout_written:
-            writer.add_custom_scalars(custom_scalars_layout(self.prefix, scalars))
+            layout = custom_scalars_layout(self.prefix, scalars, log10_norms=self.log10_norms)
+            writer.add_custom_scalars(layout)
             self._layout_written = True
         for key, value in scalars.items():
             writer.add_scalar(key, float(value), global_step=step)
+            if self.log10_norms:
+                self._log10(keys, key, float(value), step)
+        if isinstance(scalars, StepMetrics):
+            self._device_histograms(keys, scalars, step)
         self._logs += 1
         if not (self._figures_on or self.histograms):
             return
         flow = gradient_flow(scalars, step)
         if flow is None:
             return
+        if self._figures_on:
+            self._history.add(flow)
         every = self.figure_every_n_logs or 10  # histograms alone keep the same modest rate
         if (self._logs - 1) % every == 0:
             self._draw(flow)
@@ -234,7 +278,7 @@ class TensorBoardSink:
         self.writer.add_text(tag, event_markdown(event), global_step=event.step)
 
     def flush(self) -> None:
-        """Write what is pending (the figure of the last logging step) and flush the file."""
+        """Write what is pending (the figures of the last logging step) and flush the file."""
         if self._closed or self._writer is None:
             return
         if self._unpainted is not None:
@@ -257,7 +301,33 @@ class TensorBoardSink:
                 "guard a new TensorBoardSink, or use guard.detach() to keep them open"
             )
 
-    # ------------------------------------------------------------------ figure, histogram
+    # ------------------------------------------------------------------ derived series
+    def _log10(self, keys: MetricKeys, key: str, value: float, step: int) -> None:
+        parsed = keys.split(key)
+        if parsed is None or parsed[0] != GRAD_NORM or parsed[1] is None or not value > 0:
+            return  # NaN and 0 have no log10 worth drawing (NaN: the linear chart shows it)
+        tag = keys.layer(GRAD_NORM_LOG10, parsed[1])
+        self.writer.add_scalar(tag, math.log10(value), global_step=step)
+
+    def _device_histograms(self, keys: MetricKeys, metrics: StepMetrics, step: int) -> None:
+        for metric, by_layer in metrics.stats.histograms.items():
+            for layer, histogram in by_layer.items():
+                span = histogram_span(histogram)
+                if span is None:
+                    continue
+                self.writer.add_histogram_raw(
+                    keys.layer(metric, layer),
+                    min=span.edges[0],
+                    max=span.edges[-1],
+                    num=span.total,
+                    sum=span.sum,
+                    sum_squares=span.sum_squares,
+                    bucket_limits=list(span.edges[1:]),  # each bucket's right edge
+                    bucket_counts=list(span.counts),
+                    global_step=step,
+                )
+
+    # ------------------------------------------------------------------ figures
     def _draw(self, flow: GradientFlow) -> None:
         self._unpainted = None
         metric_keys = MetricKeys(self.prefix or "gradguard")
@@ -274,19 +344,21 @@ class TensorBoardSink:
         if not self._figures_on:
             return
         try:
-            image = render_gradient_flow(flow)
+            bars = render_gradient_flow(flow)
+            heatmap = render_heatmap(self._history.columns())
         except Exception as error:  # a figure never costs the scalars: turn figures off
             self._figures_on = False
             warnings.warn(
-                f"gradguard could not draw the gradient-flow figure ({type(error).__name__}: "
+                f"gradguard could not draw the gradient-flow figures ({type(error).__name__}: "
                 f"{error}); TensorBoardSink goes on without figures.",
                 GradGuardWarning,
                 stacklevel=2,
             )
             return
-        self.writer.add_image(
-            metric_keys.figure("gradient_flow"), image, global_step=flow.step, dataformats="HWC"
-        )
+        for name, image in (("gradient_flow", bars), ("gradient_flow_heatmap", heatmap)):
+            self.writer.add_image(
+                metric_keys.figure(name), image, global_step=flow.step, dataformats="HWC"
+            )
 
     def __repr__(self) -> str:
         if self._owns_writer:

@@ -1,4 +1,5 @@
-"""Activation health: dead ReLU units and saturated sigmoid/tanh units (sampled).
+"""Activation health: dead ReLU units, saturated sigmoid/tanh units, the scale of the inputs
+and the headroom of float16/bfloat16 activations (sampled).
 
 Every ``every_n_steps`` optimizer steps, ``ActivationMonitor`` watches a window of
 ``window`` training forward passes and removes its hooks afterwards, so the steps in
@@ -8,7 +9,8 @@ which covers ``nn.ReLU``/``nn.Tanh`` modules and functional ``F.relu``, ``torch.
 activation is reported on the layer that fed it (in Linear -> BatchNorm(affine) -> ReLU
 the ReLU is reported on the BatchNorm, the nearest parameter-owning producer; without
 affine parameters it is reported on the Linear). ``window.py`` says what counts as dead
-or saturated; ``findings.py`` turns a window into findings with their evidence.
+or saturated and keeps each layer's largest |output|; ``inputs.py`` measures the inputs
+the first layer reads; ``findings.py`` turns a window into findings with their evidence.
 
 Not seen: activations inside fused kernels (``nn.LSTM``, ``nn.GRU``), activations applied
 outside any forward of the model, tensor-parallel (DTensor) activations, calls inside
@@ -30,8 +32,16 @@ from .._debounce import Finding
 from .._errors import GradGuardWarning, check_number, check_positive_int
 from .._stats import LoggedStats
 from ..detect.base import Detector, GuardContext
-from .findings import window_findings
-from .tracking import Interceptor, ProducerMap, in_backward, module_unit_dim, tensors_in
+from ..report.causes import INPUT_RMS_LIMIT, INPUT_SPREAD_LIMIT
+from .findings import Limits, window_findings
+from .tracking import (
+    Interceptor,
+    ProducerMap,
+    functorch_active,
+    in_backward,
+    module_unit_dim,
+    tensors_in,
+)
 from .window import Window, WindowRecorder
 
 __all__ = ["ActivationMonitor", "compiled"]
@@ -47,7 +57,8 @@ def compiled(model: nn.Module) -> bool:
 
 
 class ActivationMonitor(Detector):
-    """Dead ReLU units and saturated sigmoid/tanh outputs, sampled on a window of passes.
+    """Dead ReLU units, saturated sigmoid/tanh outputs, badly scaled inputs and float16
+    headroom, sampled on a window of passes.
 
     Args:
         every_n_steps: a window starts at optimizer steps 0, N, 2N, ...
@@ -63,13 +74,27 @@ class ActivationMonitor(Detector):
             meant to saturate when confident.
         remind_every: while a condition persists over consecutive windows it is reported
             once, then again every ``remind_every`` windows (or when a new layer joins).
+        input_rms_limit: the first layer's inputs raise ``input_scale`` when their RMS over
+            the window (sqrt(mean^2 + std^2)) reaches this (default 10). Standardised inputs
+            read about 1 (the zoo's digits 0.84-1.47 per batch); digits as 0-255 bytes ~100.
+        input_spread_limit: ... or when the features' scales differ this much (default 100:
+            the 90th over the 10th percentile of the per-feature RMS, always-0 features left
+            out; with under 10 features, e.g. an image's channels, the largest over the
+            smallest). Standardised digits read 1.3-4.4 over a window (rare pixels are the
+            low tail), 21 at most on one batch of 64.
+        headroom: a layer whose float16 (or bfloat16) outputs reach this fraction of the
+            dtype's largest finite value (float16: 65,504) raises ``overflow_risk`` (default
+            0.9). The healthy zoo's largest activation is 35, in float32; an fp16 overflow
+            turns into Inf, then NaN.
 
     The statistics stay on the device and reach the host with the guard's one bulk copy on
-    the first logging step after the window closes, as ``dead_fraction/<layer>`` and
-    ``saturation/<layer>``.
+    the first logging step after the window closes, as ``dead_fraction/<layer>``,
+    ``saturation/<layer>``, ``act_absmax/<layer>`` and ``input/mean``, ``input/std``,
+    ``input/rms``, ``input/feature_spread``. The extra work of a sampled pass is one
+    reduction per layer output (the abs-max) and two over the first layer's input.
     """
 
-    kinds: ClassVar[tuple[str, ...]] = ("dead_units", "saturation")
+    kinds: ClassVar[tuple[str, ...]] = ("dead_units", "saturation", "input_scale", "overflow_risk")
 
     def __init__(
         self,
@@ -79,6 +104,9 @@ class ActivationMonitor(Detector):
         dead_threshold: float = 0.5,
         saturation_threshold: float = 0.25,
         remind_every: int = 10,
+        input_rms_limit: float = INPUT_RMS_LIMIT,
+        input_spread_limit: float = INPUT_SPREAD_LIMIT,
+        headroom: float = 0.9,
     ) -> None:
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
         self.window = check_positive_int("window", window)
@@ -87,6 +115,13 @@ class ActivationMonitor(Detector):
             "saturation_threshold", saturation_threshold, low=0.0, high=1.0
         )
         self.remind_every = check_positive_int("remind_every", remind_every)
+        self.input_rms_limit = check_number(
+            "input_rms_limit", input_rms_limit, low=0.0, low_open=True
+        )
+        self.input_spread_limit = check_number(
+            "input_spread_limit", input_spread_limit, low=1.0, low_open=True
+        )
+        self.headroom = check_number("headroom", headroom, low=0.0, high=1.0, low_open=True)
         self._producers = ProducerMap()
         self._recorder = WindowRecorder(self._producers)
         self._mode = Interceptor(self._producers, self._recorder.before, self._recorder.after)
@@ -106,6 +141,8 @@ class ActivationMonitor(Detector):
         self._loose_pass_this_step = False
         # host-side history (state_dict): layer -> [window start, dead fraction]
         self._healthy: dict[str, list[float]] = {}
+        # the weight norms of the first logging step seen (state_dict): [step, {layer: norm}]
+        self._first_weights: tuple[int, dict[str, float]] | None = None
         self._warned_compiled = False
 
     def __repr__(self) -> str:
@@ -165,6 +202,9 @@ class ActivationMonitor(Detector):
         return window.fractions(self.context.layout.names, self.context.device)
 
     def on_log(self, stats: LoggedStats) -> list[Finding]:
+        if self._first_weights is None or stats.step < self._first_weights[0]:
+            norms = {n: v for n, v in zip(stats.layers, stats.param_norm) if v is not None}
+            self._first_weights = (stats.step, norms)
         window, self._reading = self._reading, None
         if window is None or self.context is None:
             return []
@@ -173,20 +213,35 @@ class ActivationMonitor(Detector):
             window,
             stats,
             self.context.layout,
-            dead_threshold=self.dead_threshold,
-            saturation_threshold=self.saturation_threshold,
+            Limits(
+                self.dead_threshold,
+                self.saturation_threshold,
+                self.input_rms_limit,
+                self.input_spread_limit,
+                self.headroom,
+            ),
             healthy=self._healthy,
+            first_weights=self._first_weights,
             max_gap=2 * interval,
             remind_every=self.remind_every * self.every_n_steps,
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"healthy": {k: list(v) for k, v in self._healthy.items()}}
+        state: dict[str, Any] = {"healthy": {k: list(v) for k, v in self._healthy.items()}}
+        if self._first_weights is not None:
+            state["first_weights"] = [self._first_weights[0], dict(self._first_weights[1])]
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._healthy = {
             str(k): [float(v[0]), float(v[1])] for k, v in state.get("healthy", {}).items()
         }
+        first = state.get("first_weights")
+        self._first_weights = (
+            None
+            if first is None
+            else (int(first[0]), {str(k): float(v) for k, v in first[1].items()})
+        )
 
     # ------------------------------------------------------------------ windows and hooks
     def _start_window(self, step: int) -> None:
@@ -221,8 +276,9 @@ class ActivationMonitor(Detector):
     def _finish_window(self) -> None:
         self._remove_hooks()
         self._collecting = False
-        self._ready = Window(self._window_start, self._passes, self._recorder.stats)
-        self._recorder.stats = {}
+        recorder = self._recorder
+        self._ready = Window(self._window_start, self._passes, recorder.stats, recorder.inputs)
+        recorder.stats, recorder.inputs = {}, None
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -240,16 +296,31 @@ class ActivationMonitor(Detector):
         def pre_hook(module: nn.Module, args: Any) -> None:
             if torch.compiler.is_compiling():
                 return
+            if module is self._model and self._depth > 0:
+                # A pass an interrupted forward left open (torch runs always-call forward
+                # hooks on Exception only, not on KeyboardInterrupt): close it now, so the
+                # next forward (say, an evaluation after Ctrl-C) runs outside the mode.
+                self._close_pass()
             if self._depth == 0:
-                self._pass_open = module.training and torch.is_grad_enabled() and not in_backward()
+                # Under torch.func transforms (vmap, grad) the interceptor stands aside and the
+                # tensors are batched: such a pass is neither sampled nor counted.
+                self._pass_open = (
+                    module.training
+                    and torch.is_grad_enabled()
+                    and not in_backward()
+                    and not functorch_active()
+                )
                 if self._pass_open:
                     assert self.context is not None
                     self._scope_is_root = module is self._model
                     self._producers.track_params(self.context.layout)
+                    self._recorder.mark_inputs(args)
                     self._mode.__enter__()  # type: ignore[no-untyped-call]
             self._depth += 1
             if self._pass_open and name is not None:
                 self._producers.track_module_params(module, name)
+                if module is not self._model:
+                    self._recorder.layer_starts(name, module, args)
 
         return pre_hook
 
@@ -261,6 +332,7 @@ class ActivationMonitor(Detector):
             if not self._pass_open:
                 return
             if name is not None:
+                self._recorder.layer_output(name, output)
                 for tensor in tensors_in(output):
                     if self._producers.lookup(tensor) is None and tensor.ndim > 0:
                         self._producers.mark(tensor, name, module_unit_dim(module, tensor.ndim))

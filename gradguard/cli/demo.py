@@ -28,6 +28,7 @@ from torch import nn
 
 from .._errors import GradGuardWarning, MissingDependencyError
 from .._guard import GradGuard
+from .._histograms import Histograms
 from .._sinks import MemorySink, Sink
 
 __all__ = [
@@ -58,7 +59,7 @@ def load_digits_split(test_fraction: float = 0.2) -> Digits:
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise MissingDependencyError("scikit-learn", "dev") from error
+        raise MissingDependencyError("scikit-learn", "demo") from error
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32)
     y = torch.tensor(data.target, dtype=torch.long)
@@ -339,7 +340,11 @@ def train_one(
     model, optimizer = builder(options.seed)
     memory = MemorySink()
     guard = GradGuard(
-        log_every_n_steps=LOG_EVERY_N_STEPS, sinks=[memory, *sinks], **(guard_kwargs or {})
+        log_every_n_steps=LOG_EVERY_N_STEPS,
+        sinks=[memory, *sinks],
+        # Per-layer gradient histograms for the dashboards, every 5th logging step.
+        histograms=Histograms(every_n_logs=5) if sinks else None,
+        **(guard_kwargs or {}),
     )
     guard.attach(model, optimizer)
     batches = torch.Generator().manual_seed(options.seed + 1)
@@ -554,7 +559,8 @@ def _run_demo(options: DemoOptions, stream: TextIO) -> DemoResult:
         print(note, file=stream)
     if tb_root is not None:
         print(
-            "See the per-layer gradient norms, clip and activation charts in TensorBoard:",
+            "See the per-layer gradient norms (CUSTOM SCALARS), the gradient-flow heatmap "
+            "(IMAGES) and the gradient histograms (HISTOGRAMS) in TensorBoard:",
             file=stream,
         )
         print(f"  tensorboard --logdir {shlex.quote(str(tb_root))}", file=stream)

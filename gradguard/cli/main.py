@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Trains a model with a known problem and the same model fixed the way gradguard's "
             "advice says, on scikit-learn's bundled digits (no download), prints both "
-            "reports and the accuracy difference, and writes TensorBoard logs."
+            "reports and the accuracy difference, and writes TensorBoard logs. "
+            "Needs: pip install 'gradguard[demo]'."
         ),
     )
     demo.add_argument(

@@ -21,8 +21,9 @@ from torch import nn
 
 from .._debounce import Finding
 from .._errors import ConfigurationError, check_number, check_positive_int
-from .._stats import DEAD_FRACTION, SATURATION, LoggedStats
+from .._stats import DEAD_FRACTION, INPUT_RMS, INPUT_SPREAD, SATURATION, LoggedStats
 from ..report.advice import ModelTraits, exploding_text, vanishing_text
+from ..report.causes import inputs_remedy
 from .base import Detector, GuardContext
 
 __all__ = ["GradientFlowDetector"]
@@ -118,6 +119,12 @@ class GradientFlowDetector(Detector):
     the detector: adaptive optimizers flatten them, and per-group learning rates (layer-wise
     decay when fine-tuning, frozen-ish groups) make them fall toward the input on purpose.
 
+    The advice follows the evidence: when the reported layers' weights grew 2x or more
+    since the first check, the gradients vanish because a learning rate too high saturated
+    the units, and the advice hands over to the learning rate (the ``lr_too_high`` Event
+    says more); when the activation monitor measured badly scaled inputs, exploding
+    gradients are blamed on them first.
+
     Use it through ``GradGuard(detectors=[gg.GradientFlowDetector(orders=3)])``; the default
     guard runs one with these defaults.
     """
@@ -175,6 +182,9 @@ class GradientFlowDetector(Detector):
         self._early_total: list[float] = []
         self._early_layer: dict[str, list[float]] = {}
         self._init_gain: float | None = None
+        self._first_weights: dict[str, float] = {}
+        self._first_step: int | None = None
+        self._inputs: dict[str, float] = {}
 
     # ------------------------------------------------------------------ binding
     def bind(self, context: GuardContext) -> None:
@@ -217,10 +227,22 @@ class GradientFlowDetector(Detector):
         """Whether ``name`` counts for the depth profile (every layer, before ``bind``)."""
         return self._rows is None or name in self._rows
 
-    def _traits(self) -> ModelTraits:
+    def _traits(self, stats: LoggedStats, layers: tuple[str, ...] = ()) -> ModelTraits:
         saturating = tuple(self._static_traits.get("saturating", ()))
         if not saturating and self.latest_activity.get(SATURATION):
             saturating = ("sigmoid/tanh",)
+        growth = None
+        grown = [
+            norm / self._first_weights[name]
+            for name, norm in zip(stats.layers, stats.param_norm)
+            if name in layers
+            and norm is not None
+            and math.isfinite(norm)
+            and self._first_weights.get(name, 0.0) > 0
+        ]
+        if grown:
+            growth = statistics.median(grown)
+        since = stats.step - self._first_step if self._first_step is not None else None
         return ModelTraits(
             saturating=saturating,
             relu_family=bool(self._static_traits.get("relu_family", False)),
@@ -228,6 +250,9 @@ class GradientFlowDetector(Detector):
             normalised=bool(self._static_traits.get("normalised", False)),
             init_gain=self._init_gain,
             clipping=self.context is not None and self.context.clip is not None,
+            growth=growth,
+            growth_steps=since,
+            inputs=inputs_remedy(self._inputs.get(INPUT_RMS), self._inputs.get(INPUT_SPREAD), None),
         )
 
     # ------------------------------------------------------------------ the check
@@ -238,6 +263,9 @@ class GradientFlowDetector(Detector):
                 seen = {n: v for n, v in zip(stats.layers, values) if v is not None}
                 if seen:
                     self.latest_activity.setdefault(metric, {}).update(seen)
+        for metric in (INPUT_RMS, INPUT_SPREAD):
+            if metric in stats.scalars:
+                self._inputs[metric] = stats.scalars[metric]
         names: list[str] = []
         grads: list[float] = []
         weights: list[float] = []
@@ -303,10 +331,11 @@ class GradientFlowDetector(Detector):
         if findings["exploding"] is None:
             findings["exploding"] = self._scale_or_rise(stats, names, grads, weights)
 
-        traits = self._traits()
         found: list[Finding] = []
         for kind in _KINDS:
-            finding = self._confirm(kind, stats, findings[kind], traits)
+            evidence = findings[kind]
+            traits = self._traits(stats, evidence[1] if evidence is not None else ())
+            finding = self._confirm(kind, stats, evidence, traits)
             if finding is not None:
                 found.append(finding)
         return found
@@ -314,6 +343,11 @@ class GradientFlowDetector(Detector):
     def _remember_early(
         self, stats: LoggedStats, names: list[str], grads: list[float], weights: list[float]
     ) -> None:
+        if self._first_step is None or stats.step < self._first_step:
+            self._first_step = stats.step
+            self._first_weights = {
+                n: w for n, w in zip(stats.layers, stats.param_norm) if w is not None
+            }
         if self._init_gain is None and self._rows is not None and names:
             gains = [
                 w / math.sqrt(self._rows[n])
@@ -446,10 +480,13 @@ class GradientFlowDetector(Detector):
             "early_total": list(self._early_total),
             "early_layer": {k: list(v) for k, v in self._early_layer.items()},
             "init_gain": self._init_gain,
+            "first_step": self._first_step,
+            "first_weights": dict(self._first_weights),
+            "inputs": dict(self._inputs),
         }
 
     def check_state(self, state: Mapping[str, Any]) -> None:
-        for key in ("streak", "clear", "active", "early_layer"):
+        for key in ("streak", "clear", "active", "early_layer", "first_weights", "inputs"):
             if not isinstance(state.get(key, {}), Mapping):
                 raise ConfigurationError.bad_value(
                     f"state[{key!r}]", state.get(key), "expected a mapping"
@@ -466,3 +503,7 @@ class GradientFlowDetector(Detector):
         }
         gain = state.get("init_gain")
         self._init_gain = None if gain is None else float(gain)
+        first = state.get("first_step")
+        self._first_step = None if first is None else int(first)
+        self._first_weights = {str(k): float(v) for k, v in state.get("first_weights", {}).items()}
+        self._inputs = {str(k): float(v) for k, v in state.get("inputs", {}).items()}

@@ -12,6 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .causes import grew_from_lr, saturation_slope
+from .words import fmt, times
+from .words import names as _names
+
 __all__ = [
     "ModelTraits",
     "dead_units_text",
@@ -39,7 +43,10 @@ class ModelTraits:
     "sigmoid/tanh" when only their saturation metrics were seen). ``recurrent``: the class
     name of a recurrent module (``"RNN"``, ``"LSTM"``, ``"GRU"``) or ``None``.
     ``init_gain``: the median ``std(W) * sqrt(fan_in)`` of the weight layers when first
-    measured. ``clipping``: a clip strategy is active.
+    measured. ``clipping``: a clip strategy is active. ``growth``: how many times the
+    reported layers' weight norm grew since the first check, over ``growth_steps`` steps
+    (a learning rate too high grows them fast). ``inputs``: a remedy naming badly scaled
+    inputs, when the activation monitor measured them so.
     """
 
     saturating: tuple[str, ...] = ()
@@ -48,38 +55,9 @@ class ModelTraits:
     normalised: bool = False
     init_gain: float | None = None
     clipping: bool = False
-
-
-def fmt(value: float) -> str:
-    """A norm or ratio in 2-3 significant digits: ``0.52``, ``6.3e-09``, ``1.2e+05``."""
-    if value != value:
-        return "nan"
-    if value in (float("inf"), float("-inf")):
-        return "inf" if value > 0 else "-inf"
-    if value == 0:
-        return "0"
-    if 100 <= abs(value) < 1e4:
-        return f"{value:.0f}"
-    if 1e-3 <= abs(value) < 100:
-        return f"{value:.3g}"
-    return f"{value:.1e}"
-
-
-def times(ratio: float) -> str:
-    """A factor for prose: ``120x``, ``3,100x``, ``10^7.9x``."""
-    if not ratio > 0 or ratio in (float("inf"),):
-        return "inf-x"
-    if ratio < 10:
-        return f"{ratio:.1f}x"
-    if ratio < 1e5:
-        return f"{ratio:,.0f}x"
-    return f"10^{math.log10(ratio):.1f}x"
-
-
-def _names(layers: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(f"'{name}'" for name in layers[:limit])
-    more = len(layers) - limit
-    return shown + (f" and {more} more" if more > 0 else "")
+    growth: float | None = None
+    growth_steps: int | None = None
+    inputs: str | None = None
 
 
 def nonfinite_text(
@@ -203,12 +181,16 @@ def vanishing_text(
             f"; '{layers[0]}' moves its weights by {fmt(update_ratio)} of their norm per step"
         )
     message += "."
-    if traits.saturating:
-        kinds = "/".join(traits.saturating)
+    kinds = "/".join(traits.saturating)
+    note = f" (pushing the {kinds} units into their flat tails)" if kinds else ""
+    from_lr = grew_from_lr(traits.growth, traits.growth_steps, note=note)
+    if from_lr is not None:
+        advice = from_lr + "."
+    elif traits.saturating:
         advice = (
-            f"the {kinds} activations shrink the gradient at every layer (sigmoid's slope is "
-            "at most 1/4): use ReLU or GELU hidden units with He (Kaiming) init, and add "
-            "BatchNorm/LayerNorm between the layers."
+            f"the {kinds} activations shrink the gradient at every layer "
+            f"({saturation_slope(traits.saturating)}): use ReLU or GELU hidden units with He "
+            "(Kaiming) init, and add BatchNorm/LayerNorm between the layers."
         )
     elif traits.recurrent == "RNN":
         advice = (
@@ -271,7 +253,11 @@ def exploding_text(
         if traits.clipping
         else ""
     )
-    if traits.recurrent is not None:
+    if traits.inputs is not None and traits.recurrent is None:
+        advice = f"{clip}{traits.inputs}; then " + (
+            "lower the learning rate." if traits.clipping else "clip with clip=gg.AutoClip()."
+        )
+    elif traits.recurrent is not None:
         advice = (
             f"{clip}the recurrent weights amplify the gradient at every time step: "
             "initialise them orthogonally or smaller (spectral radius below 1)"
@@ -318,12 +304,17 @@ def dead_units_text(
     died: tuple[str, float, int] | None = None,
     update_ratio: float | None = None,
     mean_bias: float | None = None,
+    symmetric: tuple[str, float] | None = None,
+    inputs: str | None = None,
 ) -> tuple[str, str]:
     """Message and advice for dead units. ``layers``: (name, dead units, units), worst first.
 
-    Evidence, most specific first: ``died`` = (layer, its dead fraction, window step) when an
-    earlier window saw that layer mostly alive (training killed the units: learning rate);
-    else ``mean_bias`` of the worst layer's dead units (negative: initialisation).
+    Evidence, most specific first: ``symmetric`` = (layer, spread of its weight rows) when
+    the layer's units are identical copies (constant init: they live and die together);
+    ``inputs``, a remedy for badly scaled inputs when the first layer is among the dead;
+    ``died`` = (layer, its dead fraction, window step) when an earlier window saw that layer
+    mostly alive (training killed the units: learning rate); else ``mean_bias`` of the worst
+    layer's dead units (negative: initialisation).
     """
     parts = [
         f"'{name}' {dead} of {units} ({_percent(dead / max(units, 1))})"
@@ -335,6 +326,16 @@ def dead_units_text(
         + (f" and {more} more layers" if more > 0 else "")
         + f" never fired on any sample of {_sampled(passes, window_start)}."
     )
+    if symmetric is not None:
+        name, spread = symmetric
+        how = "all zero" if spread == 0.0 else f"differ by {spread:.1e} of their norm"
+        return message, (
+            f"the units of '{name}' are identical copies (its weight rows {how}), so they fire "
+            "or die together: the weights started at a constant; initialise them randomly "
+            "(He, nn.init.kaiming_normal_, for ReLU) to break the symmetry."
+        )
+    if inputs is not None:
+        return message, f"{inputs}; large inputs give large updates that knock ReLU units out."
     if died is not None:
         name, fraction, step = died
         advice = (
@@ -367,10 +368,15 @@ def saturation_text(
     *,
     xavier_scale: float | None = None,
     reads_inputs: bool = False,
+    inputs: str | None = None,
+    growth: float | None = None,
+    growth_steps: int | None = None,
 ) -> tuple[str, str]:
     """Message and advice for saturated sigmoid/tanh outputs. ``layers``: (name, fraction of
     outputs in the flat tails, units or None), worst first. ``xavier_scale``: std of the worst
-    layer's weights over the Xavier std; ``reads_inputs``: the worst layer is the first one."""
+    layer's weights over the Xavier std; ``reads_inputs``: the worst layer is the first one;
+    ``inputs``: a remedy naming badly scaled inputs (measured); ``growth``: how many times the
+    worst layer's weight norm grew since the first check, over ``growth_steps`` steps."""
     parts = [
         f"'{name}'" + (f" ({units} units)" if units else "") + f" {_percent(fraction)} of outputs"
         for name, fraction, units in layers[:3]
@@ -384,7 +390,13 @@ def saturation_text(
     )
     worst = layers[0][0]
     remedies: list[str] = []
-    if xavier_scale is not None and xavier_scale > 2.0:
+    note = f" (now {xavier_scale:.1f}x the Xavier scale)" if xavier_scale else ""
+    from_lr = grew_from_lr(growth, growth_steps, layer=worst, note=note)
+    if inputs is not None:
+        remedies.append(inputs)
+    elif from_lr is not None:
+        remedies.append(from_lr)
+    elif xavier_scale is not None and xavier_scale > 2.0:
         remedies.append(
             f"the weights of '{worst}' are {xavier_scale:.1f}x the Xavier scale: re-initialise "
             "with Xavier init (nn.init.xavier_uniform_)"

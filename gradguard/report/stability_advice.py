@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .advice import _names, fmt, times
+from .words import fmt, times
+from .words import names as _names
 
 __all__ = [
     "DTYPE_MAX",

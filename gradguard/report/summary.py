@@ -21,10 +21,15 @@ KIND_LABELS = {
     "recovery": "recovery actions (LR back-off, rollback)",
     "nonfinite": "NaN/Inf gradients",
     "nonfinite_source": "where the NaN/Inf starts",
+    "overflow_risk": "activations near the fp16 limit",
     "loss_spike": "loss spikes",
     "divergence": "steady rise (diverging)",
     "spike": "gradient spikes",
     "update_spike": "update spikes",
+    "symmetric_units": "symmetric units (constant init)",
+    "lr_too_high": "learning rate too high",
+    "input_scale": "badly scaled inputs",
+    "clipped_elsewhere": "clipped before gradguard measured",
     "vanishing": "vanishing gradients",
     "exploding": "exploding gradients",
     "dead_units": "dead units",
@@ -128,5 +133,13 @@ def build_summary(guard: GuardReadout) -> dict[str, Any]:
         "zero_grad_layers": list(profile.get("zero_layers", [])),
         "remedies": remedies,
         "last_scalars": guard.last_scalars,
-        "not_observed": guard.blind_spots(),
+        "not_observed": _not_observed(guard),
     }
+
+
+def _not_observed(guard: GuardReadout) -> list[str]:
+    """What the guard could not see (the report says nothing about it), in plain words."""
+    spots = list(guard.blind_spots())
+    if guard.config.activations is None:
+        spots.append("activations (dead and saturated units): not sampled, as activations=False")
+    return spots

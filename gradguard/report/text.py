@@ -134,8 +134,10 @@ def build_report(guard: GuardReadout) -> str:
                 "",
             )
         )
-    for spot in summary["not_observed"]:
-        lines.extend(_wrap(f"Not observed: {spot}.", ""))
+    if summary["not_observed"]:
+        lines += ["", "Not observed (so this report cannot speak for it):"]
+        for spot in summary["not_observed"]:
+            lines.extend(_wrap(f"- {spot}.", "  "))
     groups = summary["event_groups"]
     if not groups:
         lines += ["", "Events: none."]

@@ -171,13 +171,6 @@ def test_per_sample_gradients_under_vmap_with_activation_sampling_every_step() -
     assert sink.latest("gradguard/grad_norm_total") > 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="activations/monitor.py _pre_hook_for opens a pass under torch.func transforms "
-    "(the interceptor then stands aside): the vmap pass fills the window with nothing and "
-    "closes it, so the step's ordinary forward is never sampled; the pre-hook should not "
-    "open (or count) a pass while functorch_active()",
-)
 def test_a_plain_forward_beside_vmap_is_still_sampled() -> None:
     model = _relu_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

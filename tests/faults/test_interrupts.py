@@ -165,12 +165,6 @@ def test_an_interrupted_sampled_forward_closes_and_the_next_window_publishes(
     assert published, sorted(sink.scalars)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="activations/monitor.py: torch runs always_call forward hooks only on Exception, "
-    "so after a KeyboardInterrupt the TorchFunctionMode stays pushed until the next optimizer "
-    "step; the root's pre-hook does not close a pass left open by an interrupted forward",
-)
 def test_an_evaluation_after_a_ctrl_c_runs_outside_the_monitor() -> None:
     model = Interruptible()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -152,3 +152,26 @@ def test_fused_gradscaler_overflow_is_not_gradguards_business() -> None:
     assert scaler.get_scale() < scale_before  # the scaler saw its overflow and backed off
     assert guard.skipped_steps == 0
     assert [e.kind for e in guard.events] == []
+
+
+def test_histograms_count_on_the_device_without_a_sync() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    histograms = gg.Histograms(log="all", bins=32, log10_range=(-10.0, 2.0))
+    guard = gg.attach(model, opt, histograms=histograms, log_every_n_steps=1, activations=False)
+    x = torch.randn(32, 64, device="cuda")
+    for _ in range(2):
+        _step(model, opt, x)
+    with sync_errors():  # the device half of a logging step's histograms: no host read
+        found = histograms.metrics()
+    rows = found["grad_histogram"]
+    assert isinstance(rows, torch.Tensor) and rows.is_cuda
+    first = model[0]
+    entries = torch.cat([first.weight.grad.reshape(-1), first.bias.grad.reshape(-1)]).cpu()
+    logs = entries.abs().log10()
+    binned = logs[torch.isfinite(logs)].clamp(-10.0, 2.0)
+    expected = torch.histc(binned, bins=32, min=-10.0, max=2.0).double()
+    counts = rows[0, 2:34].cpu()
+    assert counts.sum() == expected.sum() == entries.numel() - int((entries == 0).sum())
+    assert (counts - expected).abs().sum() <= 2  # float32 log10 may differ on a bin edge
+    guard.detach()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,7 +96,17 @@ def test_demo_without_scikit_learn_says_what_to_install(tmp_path: Path) -> None:
     result = _run(["-c", code], cwd=tmp_path)
     assert result.returncode == 1
     assert "scikit-learn" in result.stderr
-    assert "pip install 'gradguard[dev]'" in result.stderr
+    assert "pip install 'gradguard[demo]'" in result.stderr
+
+
+def test_the_demo_extra_brings_what_the_demo_imports() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    names = {re.split(r"[<>=!~\[ ]", spec, maxsplit=1)[0] for spec in extras["demo"]}
+    # The digits, the TensorBoard logs, and the figures in them.
+    assert {"scikit-learn", "tensorboard", "matplotlib"} <= names
 
 
 def test_cli_without_a_command_prints_help(tmp_path: Path) -> None:

@@ -190,6 +190,15 @@ def test_gradient_flow_images_at_a_modest_rate(store: Store, nan_run: NanRun) ->
     assert store.client.get_run(nan_run.run_id).data.tags["mlflow.loggedImages"] == "True"
 
 
+def test_heatmap_images_next_to_the_bar_chart(store: Store, nan_run: NanRun) -> None:
+    heatmaps = _images(store, nan_run.run_id, "gradguard/gradient_flow_heatmap")
+    assert sorted(heatmaps) == [0, 10, 20, 25]
+    png = {s: _download(store, nan_run.run_id, p).read_bytes() for s, p in heatmaps.items()}
+    assert _red_pixels(png[0]) == 0
+    for step in (10, 20, 25):  # the NaN step stays a red column of the run's picture
+        assert _red_pixels(png[step]) > 50, step
+
+
 def test_the_users_run_stays_open_and_gets_the_report(store: Store, nan_run: NanRun) -> None:
     assert nan_run.active_after_close == nan_run.run_id  # guard.close() left it active
     assert nan_run.status_after_close == "RUNNING"

@@ -64,7 +64,8 @@ def _red_pixels(png: bytes) -> int:
 
 @pytest.fixture(scope="module")
 def nan_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, gg.MemorySink, gg.GradGuard]:
-    """26 steps logged every 5 (0, 5, ..., 25); step 10 has a NaN gradient, skipped."""
+    """26 steps logged every 5 (0, 5, ..., 25); step 10 has a NaN gradient, skipped.
+    Device histograms of layers 0 and 4 on every 2nd logging step (0, 10, 20)."""
     log_dir = tmp_path_factory.mktemp("tb")
     memory = gg.MemorySink()
     sink = TensorBoardSink(str(log_dir), figure_every_n_logs=2, histograms=True)
@@ -75,6 +76,7 @@ def nan_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, gg.MemorySi
             on_nonfinite="skip",
             warn=False,
             sinks=[sink, memory],
+            histograms=gg.Histograms(every_n_logs=2, exclude=["2"], log="all"),
         ),
         steps=26,
         poison=(10,),
@@ -94,8 +96,16 @@ def test_scalars_are_in_the_event_file_at_the_logging_steps(nan_run: Any) -> Non
         "gradguard/clip/threshold",
         "gradguard/skipped_steps",
     } <= tags
-    assert tags == set(memory.scalars)  # every key the guard sent, under its own tag
-    for tag in tags:
+    log10_tags = {f"gradguard/grad_norm_log10/{layer}" for layer in LAYERS}
+    assert tags - log10_tags == set(memory.scalars)  # every key the guard sent, as its tag
+    assert log10_tags <= tags  # and the sink's own log10 series of the per-layer norms
+    for layer in LAYERS:
+        norms = dict(memory.scalars[f"gradguard/grad_norm/{layer}"])
+        logs = {e.step: e.value for e in acc.Scalars(f"gradguard/grad_norm_log10/{layer}")}
+        assert sorted(logs) == [0, 5, 15, 20, 25]  # step 10's NaN has no log
+        for step, value in logs.items():
+            assert value == pytest.approx(math.log10(norms[step]), abs=1e-6)
+    for tag in tags - log10_tags:
         written = [(e.step, e.value) for e in acc.Scalars(tag)]
         sent = memory.scalars[tag]
         assert [s for s, _ in written] == [s for s, _ in sent], tag
@@ -122,17 +132,26 @@ def test_custom_scalars_layout_arranges_the_gradguard_panels(nan_run: Any) -> No
     charts = {chart.title: list(chart.multiline.tag) for chart in category.chart}
 
     def matched(chart_words: str) -> set[str]:
-        (title,) = [t for t in charts if chart_words in t]
+        (title,) = [t for t in charts if t.startswith(chart_words)]
         return {tag for tag in memory.scalars if any(re.search(rx, tag) for rx in charts[title])}
 
-    assert matched("total") == {"gradguard/grad_norm_total", "gradguard/clip/threshold"}
+    total = {"gradguard/grad_norm_total", "gradguard/clip/threshold"}
+    assert matched("gradient norm: total") == total
+    # The log10 chart comes before the linear one: the vanishing layer is seen first.
+    titles = list(charts)
+    (log10_title,) = [t for t in titles if t.startswith("log10 gradient norm per layer")]
+    assert titles.index(log10_title) < titles.index("gradient norm per layer")
+    scalar_tags = acc.Tags()["scalars"]
+    assert {
+        tag for tag in scalar_tags if any(re.search(rx, tag) for rx in charts[log10_title])
+    } == {f"gradguard/grad_norm_log10/{n}" for n in LAYERS}
     assert matched("gradient norm per layer") == {f"gradguard/grad_norm/{n}" for n in LAYERS}
     assert "gradguard/skipped_steps" in matched("skipped steps")
     assert matched("dead units") == {k for k in memory.scalars if "/dead_fraction/" in k}
     assert matched("dead units")  # the ReLU layers' dead fractions were logged and charted
     assert any("saturated" in t for t in charts)
     assert matched("clip coefficient") == {"gradguard/clip/coef"}
-    assert matched("spike z-score") == {"gradguard/spike/zscore"}
+    assert matched("gradient-norm spike z-score") == {"gradguard/spike/zscore"}
 
 
 def test_gradient_flow_figure_is_an_image_at_a_modest_rate(nan_run: Any, tmp_path: Path) -> None:
@@ -150,6 +169,33 @@ def test_gradient_flow_figure_is_an_image_at_a_modest_rate(nan_run: Any, tmp_pat
     assert _red_pixels(images[0].encoded_image_string) == 0
     histogram_steps = [e.step for e in acc.Histograms("gradguard/grad_norm_log10_across_layers")]
     assert histogram_steps[0] == 0 and set(histogram_steps) <= set(images)
+    # The heatmap of the run so far, next to each bar chart; from step 10 on it keeps the
+    # NaN step's red column.
+    heatmaps = {e.step: e for e in acc.Images("gradguard/gradient_flow_heatmap")}
+    assert sorted(heatmaps) == sorted(images)
+    assert _red_pixels(heatmaps[0].encoded_image_string) == 0
+    for step in (10, 20, 25):
+        assert _red_pixels(heatmaps[step].encoded_image_string) > 50, step
+        (tmp_path / f"heatmap_{step}.png").write_bytes(heatmaps[step].encoded_image_string)
+
+
+def test_device_histograms_land_in_the_histograms_tab(nan_run: Any) -> None:
+    log_dir, memory, _ = nan_run
+    acc = _accumulator(log_dir)
+    tags = set(acc.Tags()["histograms"])
+    assert {"gradguard/grad_histogram/0", "gradguard/grad_histogram/4"} <= tags
+    assert {"gradguard/param_histogram/0", "gradguard/param_histogram/4"} <= tags
+    assert not any(tag.endswith("_histogram/2") for tag in tags)  # exclude=["2"]
+    # Every 2nd logging step; step 10 was skipped (NaN): its gradients were dropped.
+    assert [e.step for e in acc.Histograms("gradguard/grad_histogram/0")] == [0, 20]
+    assert [e.step for e in acc.Histograms("gradguard/param_histogram/0")] == [0, 10, 20]
+    norms = dict(memory.scalars["gradguard/grad_norm/0"])
+    for event in acc.Histograms("gradguard/grad_histogram/0"):
+        value = event.histogram_value
+        assert value.num == 16 * 32 + 32  # every entry of layer 0 (weight and bias)
+        # No entry is larger than the layer's gradient norm (clipping only shrinks them).
+        assert value.max <= math.log10(norms[event.step]) + 0.3  # up to one bin's width
+        assert value.min < value.max
 
 
 def test_events_are_text_summaries_at_their_step(nan_run: Any) -> None:
@@ -268,12 +314,36 @@ def test_importing_the_dashboard_modules_pulls_no_backend() -> None:
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("missing", ["torch.utils.tensorboard", "matplotlib"])
-def test_missing_backend_names_the_extra(monkeypatch: pytest.MonkeyPatch, missing: str) -> None:
+def test_missing_tensorboard_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     # Simulates an install without the extra: a None entry makes `import` fail.
-    monkeypatch.setitem(sys.modules, missing, None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(gg.MissingDependencyError, match=r"gradguard\[tensorboard\]"):
         TensorBoardSink("unused")
+
+
+def test_without_matplotlib_it_says_so_once_and_writes_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Simulates an install with tensorboard but not matplotlib (matplotlib IS installed
+    # here): a None entry in sys.modules makes `import matplotlib` fail.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.warns(gg.GradGuardWarning) as caught:
+        sink = TensorBoardSink(str(tmp_path))
+    (warning,) = caught
+    message = str(warning.message)
+    assert "matplotlib" in message and "pip install 'gradguard[tensorboard]'" in message
+    guard = _train(
+        dict(log_every_n_steps=5, on_nonfinite="skip", sinks=[sink], warn=False),
+        steps=11,
+        poison=(5,),
+    )
+    assert not guard.sinks.disabled
+    acc = _accumulator(tmp_path)
+    assert [e.step for e in acc.Scalars("gradguard/grad_norm_total")] == [0, 5, 10]
+    assert "gradguard/grad_norm_log10/0" in acc.Tags()["scalars"]
+    assert acc.Tags()["tensors"].count(LAYOUT_TAG) == 1  # the layout needs no matplotlib
+    assert "gradguard/events/nonfinite/text_summary" in acc.Tags()["tensors"]
+    assert acc.Tags()["images"] == []
 
 
 def test_a_failing_figure_keeps_the_scalars(

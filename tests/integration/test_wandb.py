@@ -316,3 +316,57 @@ def test_example_wandb_alerts_runs_offline_and_alerts_once(tmp_path: Path) -> No
     (alert,) = wandb_reader.alerts(file)
     assert alert.level == "ERROR" and "NaN" in alert.text
     assert alert.title in out
+
+
+def test_heatmap_and_device_histograms_in_the_history(run: Run) -> None:
+    sink = WandbSink(figure_every_n_logs=2)
+    histograms = gg.Histograms(include=["0", "4"], bins=32)
+    _train(
+        dict(
+            log_every_n_steps=5,
+            on_nonfinite="skip",
+            warn=False,
+            sinks=[sink],
+            histograms=histograms,
+        ),
+        steps=16,
+        poison=(5,),
+    )
+    run.finish()
+    rows = {row["gradguard/step"]: row for row in _gradguard_rows(run.file)}
+    heatmaps = sorted(s for s, row in rows.items() if "gradguard/gradient_flow_heatmap/path" in row)
+    assert heatmaps == [0, 10, 15]  # with the bar chart: every 2nd logging step, and the last
+    for step in heatmaps:
+        row = rows[step]
+        assert row["gradguard/gradient_flow_heatmap/_type"] == "image-file"
+        assert (run.files_dir / row["gradguard/gradient_flow_heatmap/path"]).stat().st_size > 5000
+    # Histograms on every logging step but step 5, whose NaN gradients were skipped.
+    with_histograms = sorted(
+        s for s, row in rows.items() if "gradguard/grad_histogram/0/_type" in row
+    )
+    assert with_histograms == [0, 10, 15]
+    row = rows[0]
+    assert row["gradguard/grad_histogram/0/_type"] == "histogram"
+    counts, edges = row["gradguard/grad_histogram/0/values"], row["gradguard/grad_histogram/0/bins"]
+    assert len(edges) == len(counts) + 1 and sum(counts) == 16 * 32 + 32
+    assert -12.0 <= edges[0] < edges[-1] <= 4.0  # log10 units, cut to the occupied bins
+    assert not any(key.startswith("gradguard/grad_histogram/2") for key in row)
+
+
+def test_without_matplotlib_it_says_so_once_and_logs_the_rest(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Simulates an install without matplotlib (it IS installed here): a None entry in
+    # sys.modules makes `import matplotlib` fail.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.warns(gg.GradGuardWarning) as caught:
+        sink = WandbSink()
+    (warning,) = caught
+    assert "pip install 'gradguard[wandb]'" in str(warning.message)
+    guard = _train(dict(log_every_n_steps=5, sinks=[sink], histograms=True, warn=False), steps=11)
+    assert not guard.sinks.disabled
+    run.finish()
+    rows = _gradguard_rows(run.file)
+    assert [row["gradguard/step"] for row in rows] == [0, 5, 10]
+    assert all("gradguard/grad_histogram/0/_type" in row for row in rows)
+    assert not any("gradient_flow" in key for row in rows for key in row)

@@ -399,6 +399,9 @@ def test_the_default_guard_runs_a_gradient_flow_detector() -> None:
     assert "GradientFlowDetector" in gg.__all__
     assert [type(d).__name__ for d in gg.GradGuard().detectors] == [
         "GradientFlowDetector",
+        "SymmetryDetector",
+        "LearningRateDetector",
+        "ClippedElsewhereDetector",
         "LossSpikeDetector",
         "TrendDetector",
         "UpdateSpikeDetector",

@@ -1,11 +1,19 @@
-"""Importing gradguard stays light: no lightning, tensorboard, wandb or matplotlib."""
+"""Importing gradguard stays light: no lightning, transformers, tensorboard, wandb or matplotlib."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-HEAVY = ("lightning", "pytorch_lightning", "tensorboard", "wandb", "matplotlib")
+HEAVY = (
+    "lightning",
+    "pytorch_lightning",
+    "transformers",
+    "accelerate",
+    "tensorboard",
+    "wandb",
+    "matplotlib",
+)
 
 
 def _imported_after(statement: str) -> list[str]:
