@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._debounce import Finding
-from .._errors import ConfigurationError, GradientAlarmError
+from .._errors import GradientAlarmError
 from .._stats import (
     RECOVERY_INCIDENTS,
     RECOVERY_LR_BACKOFFS,
@@ -32,6 +32,7 @@ from ..clip.base import ClipStrategy
 from ..report.recovery_advice import recovery_text
 from .options import Recover
 from .snapshot import LrScale, Snapshot
+from .state import check_ladder_state
 
 __all__ = ["LOSS_TRIGGERS", "RecoveryLadder", "StepPlan"]
 
@@ -46,6 +47,7 @@ _INTS = (
     "skip_until",
     "lr_since",
     "last_incident",
+    "last_divergence",
 )
 
 
@@ -80,6 +82,7 @@ class RecoveryLadder:
         self._lr_low = 1.0
         self._lr_since = -1  # the step the LR ramp started; -1: no ramp
         self._last_incident = -1  # -1: none yet
+        self._last_divergence = -1  # the last step a divergence finding counted
         self._factor = 1.0
         self.history: list[dict[str, Any]] = []
 
@@ -107,6 +110,15 @@ class RecoveryLadder:
         reasons = ["skip"] if skipped else []
         if self.use_loss:
             reasons += [kind for kind in triggers if kind in LOSS_TRIGGERS]
+        if "divergence" in reasons:
+            # A steady rise is reported step after step while it lasts: it counts once per
+            # window // skip_budget steps, so a rise that fills a whole window spends the
+            # budget once, and the LR rung gets time to act before the next one.
+            spacing = max(1, self.options.window // self.options.skip_budget)
+            if self._last_divergence >= 0 and step - self._last_divergence < spacing:
+                reasons.remove("divergence")
+            else:
+                self._last_divergence = step
         candidate = self._candidate
         if candidate is not None and candidate.step == step:
             self._candidate = None
@@ -309,6 +321,7 @@ class RecoveryLadder:
             "lr_low": self._lr_low,
             "lr_since": self._lr_since,
             "last_incident": self._last_incident,
+            "last_divergence": self._last_divergence,
             "factor": self._factor,
             "incidents": [[s, r] for s, r in self._incidents],
             "pending": dict(self._pending),
@@ -316,49 +329,7 @@ class RecoveryLadder:
         }
 
     def check_state(self, state: Mapping[str, Any]) -> None:
-        for key in _INTS:
-            value = state.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int) or value < -1:
-                raise ConfigurationError.bad_value(
-                    f"state['recovery'][{key!r}]", value, "expected an integer >= -1"
-                )
-        for key in ("lr_low", "factor"):
-            value = state.get(key, 1.0)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not 0.0 < value <= 1.0
-            ):
-                raise ConfigurationError.bad_value(
-                    f"state['recovery'][{key!r}]", value, "expected a number in (0, 1]"
-                )
-        if not isinstance(state.get("exhausted", False), bool):
-            raise ConfigurationError.bad_value(
-                "state['recovery']['exhausted']", state["exhausted"], "expected True or False"
-            )
-        incidents = state.get("incidents", [])
-        if not isinstance(incidents, list) or not all(
-            isinstance(i, (list, tuple))
-            and len(i) == 2
-            and isinstance(i[0], int)
-            and isinstance(i[1], str)
-            for i in incidents
-        ):
-            raise ConfigurationError.bad_value(
-                "state['recovery']['incidents']", incidents, "expected a list of [step, reason]"
-            )
-        pending = state.get("pending", {})
-        if not isinstance(pending, Mapping) or (
-            pending and not {"count", "reasons", "step"} <= set(pending)
-        ):
-            raise ConfigurationError.bad_value(
-                "state['recovery']['pending']", pending, "expected {} or {count, reasons, step}"
-            )
-        history = state.get("history", [])
-        if not isinstance(history, list) or not all(isinstance(h, Mapping) for h in history):
-            raise ConfigurationError.bad_value(
-                "state['recovery']['history']", history, "expected a list of mappings"
-            )
+        check_ladder_state(state, _INTS)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.check_state(state)
@@ -371,6 +342,7 @@ class RecoveryLadder:
         self._lr_low = float(state.get("lr_low", 1.0))
         self._lr_since = int(state.get("lr_since", -1))
         self._last_incident = int(state.get("last_incident", -1))
+        self._last_divergence = int(state.get("last_divergence", -1))
         self._factor = float(state.get("factor", 1.0))
         self._incidents = deque((int(s), str(r)) for s, r in state.get("incidents", []))
         pending = state.get("pending", {})

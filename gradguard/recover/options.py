@@ -22,7 +22,8 @@ class Recover:
        ``on_spike`` behave as ``"skip"``): the weights and the optimizer state stay as
        they were.
     2. after ``skip_budget`` incidents (skipped steps, and loss spikes or a diverging loss
-       when the loss is handed over with ``guard.observe_loss``) within ``window`` steps,
+       when the loss is handed over with ``guard.observe_loss``; a steady rise counts once
+       per ``window // skip_budget`` steps) within ``window`` steps,
        **lower the learning rate** of every param group by ``lr_factor`` and bring it back
        linearly over ``lr_recovery_steps`` steps. The factor multiplies ``group["lr"]``
        around the optimizer step only (your scheduler's values are put back, unchanged,
