@@ -212,6 +212,13 @@ def _gradguard_recommended(
     return Attached(teardown=guard.detach)
 
 
+def _gradguard_recover(
+    model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Context
+) -> Attached:
+    guard = gg.attach(model, optimizer, clip=gg.AutoClip(), on_instability=gg.Recover())
+    return Attached(teardown=guard.detach)
+
+
 def _gradguard_activations(
     model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Context
 ) -> Attached:
@@ -323,6 +330,14 @@ def _configs() -> list[Config]:
             'gradguard + AutoClip() + on_nonfinite="skip"',
             _gradguard_recommended,
             note="one host read per step (the skip decision), non-fused optimizer",
+        )
+    )
+    configs.append(
+        Config(
+            "gradguard-recover",
+            "gradguard + AutoClip() + on_instability=Recover()",
+            _gradguard_recover,
+            note="the recovery ladder with its defaults: a CPU snapshot every 100 steps",
         )
     )
     configs += [

@@ -46,6 +46,7 @@ from .detect import (
     UpdateSpikeDetector,
     default_detectors,
 )
+from .recover import Recover
 
 __version__ = "0.1.0.dev0"
 
@@ -80,6 +81,7 @@ __all__ = [
     "MissingDependencyError",
     "NonfiniteForensics",
     "NormClip",
+    "Recover",
     "Sink",
     "SpikeDetector",
     "StabilityScore",

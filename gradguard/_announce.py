@@ -23,6 +23,9 @@ __all__ = ["Announcer"]
 
 # How many guard-step -> sink-step entries are remembered (packets arrive a step or two late).
 _STEP_MAP_SIZE = 64
+# Kinds whose every Event is also a warning: what the guard DID to the run (an LR back-off,
+# then a rollback a few steps later) must each be said where the user looks.
+_ALWAYS_WARN = frozenset({"recovery"})
 
 
 class Announcer:
@@ -56,7 +59,14 @@ class Announcer:
         if not rank_zero:
             return event
         self.sinks.log_event(event)
-        if warn and self.config.warn and self._warnings.admit(event.kind, event.step) is not None:
+        if (
+            warn
+            and self.config.warn
+            and (
+                event.kind in _ALWAYS_WARN
+                or self._warnings.admit(event.kind, event.step) is not None
+            )
+        ):
             warnings.warn(str(event), GradGuardWarning, stacklevel=user_stacklevel())
         return event
 

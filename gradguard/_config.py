@@ -21,6 +21,7 @@ from .clip.base import ClipStrategy
 from .detect import default_detectors
 from .detect.base import Detector
 from .detect.spike import SpikeDetector
+from .recover.options import Recover
 
 __all__ = ["GuardConfig", "GuardOptions", "NonfinitePolicy", "SpikePolicy"]
 
@@ -45,6 +46,7 @@ class GuardOptions(TypedDict, total=False):
     prefix: str
     warn: bool
     repeat_every: int
+    on_instability: Recover | None
 
 
 @dataclass
@@ -63,6 +65,7 @@ class GuardConfig:
     prefix: str
     warn: bool
     repeat_every: int
+    on_instability: Recover | None = None
 
     @classmethod
     def from_options(cls, options: GuardOptions) -> GuardConfig:
@@ -119,6 +122,21 @@ class GuardConfig:
             raise ConfigurationError.bad_value(
                 "prefix", prefix, "expected a non-empty str not ending in '/'"
             )
+        recover = get("on_instability")
+        if recover is not None and not isinstance(recover, Recover):
+            raise ConfigurationError.bad_value(
+                "on_instability", recover, "expected None or gg.Recover(...)"
+            )
+        if recover is not None:
+            # The ladder's first rung is the skip: NaN/Inf and spiking steps are skipped.
+            if on_nonfinite == "raise":
+                raise ConfigurationError(
+                    "on_nonfinite='raise' contradicts on_instability=gg.Recover(...), which "
+                    "skips NaN/Inf steps and escalates: expected on_nonfinite='warn' or 'skip'"
+                )
+            on_nonfinite = "skip"
+            if on_spike == "warn":
+                on_spike = "skip"
         warn = get("warn", True)
         if not isinstance(warn, bool):
             raise ConfigurationError.bad_value("warn", warn, "expected True or False")
@@ -135,6 +153,7 @@ class GuardConfig:
             prefix=prefix,
             warn=warn,
             repeat_every=check_positive_int("repeat_every", get("repeat_every", 100)),
+            on_instability=recover,
         )
 
 

@@ -14,6 +14,7 @@ Severity = Literal["warning", "error"]
 # (vanishing, exploding, dead, saturated units), so the report's remedies lead with them.
 # Detectors you write may use kinds of their own.
 EVENT_KINDS: tuple[str, ...] = (
+    "recovery",
     "nonfinite",
     "nonfinite_source",
     "overflow_risk",

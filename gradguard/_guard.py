@@ -22,7 +22,7 @@ from ._announce import Announcer
 from ._binding import Binding
 from ._config import GuardConfig, GuardOptions
 from ._debounce import Finding
-from ._dist import is_rank_zero
+from ._dist import distributed, is_rank_zero
 from ._errors import ConfigurationError, GradGuardError, GradGuardWarning, GradientAlarmError
 from ._hooks import register_step_hooks
 from ._keys import MetricKeys
@@ -46,6 +46,8 @@ from ._wrappers import compile_wrapper, unwrap_model, unwrap_optimizer
 from .activations.monitor import compiled
 from .detect.base import Detector
 from .detect.nonfinite import NonfiniteDetector
+from .recover.ladder import RecoveryLadder, StepPlan
+from .recover.snapshot import has_sharded_state
 
 __all__ = ["GradGuard", "attach"]
 
@@ -85,6 +87,12 @@ class GradGuard(GuardReadout):
         prefix: the first part of every metric key.
         warn: emit ``GradGuardWarning`` for Events (rank zero only, rate-limited per kind).
         repeat_every: steps between two reminders of a condition that persists.
+        on_instability: ``None`` (default) or ``gg.Recover(...)``: the recovery ladder
+            (skip, then lower the learning rate, then roll back to an in-memory snapshot).
+            It implies ``on_nonfinite="skip"`` and ``on_spike="skip"`` (unless
+            ``"ignore"``). Cost: one flag read per step as for a skip (none on fused
+            optimizers), a wait for the previous step's packet (normally already there),
+            and a host copy of model and optimizer state every ``snapshot_every`` steps.
 
     Every argument is checked here, at construction (``ConfigurationError`` names it).
     Adapters for training frameworks use ``bind``, ``before_step``, ``after_step`` and
@@ -125,6 +133,8 @@ class GradGuard(GuardReadout):
         self._loss: torch.Tensor | None = None
         self._loss_parts = 0
         self._mirror = HostMirror(self._on_packet)
+        recover = config.on_instability
+        self._ladder = RecoveryLadder(recover) if recover is not None else None
 
     def _all_detectors(self) -> list[Detector]:
         """Every detector the guard runs, built-in ones first (fixed at construction)."""
@@ -157,6 +167,11 @@ class GradGuard(GuardReadout):
         model = unwrap_model(model)
         optimizer = unwrap_optimizer(optimizer)
         layout = discover_layers(model, optimizer)
+        if self._ladder is not None and has_sharded_state(model):
+            raise ConfigurationError(
+                "on_instability=gg.Recover(...) cannot snapshot sharded (FSDP2/DTensor) "
+                "parameters yet: use it with single-device or DDP models"
+            )
         if optimizer in _watched_optimizers:
             raise ConfigurationError(
                 f"optimizer={type(optimizer).__name__} is already watched by another GradGuard: "
@@ -179,6 +194,9 @@ class GradGuard(GuardReadout):
                 eager_through=eager_through,
             )
             _watched_optimizers.add(optimizer)
+            if self._ladder is not None:
+                world = torch.distributed.get_world_size() if distributed() else 1
+                self._ladder.bind(world_size=world)
             if self._pending_state is not None:
                 state, self._pending_state = self._pending_state, None
                 self._apply_state(state)
@@ -214,6 +232,8 @@ class GradGuard(GuardReadout):
         self._mirror.drain(block=True)
         self._in_step = False
         self._pending_log = None
+        if self._ladder is not None:
+            self._ladder.release()
         binding.release(self._all_detectors())
         for part in (self.config.clip, *self._all_detectors()):
             if part is not None:
@@ -279,11 +299,16 @@ class GradGuard(GuardReadout):
             # The last step never finished (optimizer.step raised, or was interrupted):
             # restore found_inf first, or a stale skip flag would skip every later step.
             self.after_step()
-        self._mirror.drain(block=False)
+        # With the ladder on, every packet up to the last step is read now (normally already
+        # there): an incident at step s is acted on at step s + 1 on every device and rank.
+        self._mirror.drain(block=self._ladder is not None)
         binding = self._refresh(binding)
         step = self._step
         shown = self._announcer.map_step(step, sink_step)
         loss, self._loss, self._loss_parts = self._loss, None, 0
+        plan = self._begin_recovery(binding, step)
+        if plan is not None and plan.skip:
+            return self._drop_update(binding, step)
         try:
             out = binding.pipeline.run(step, found_inf=found_inf, apply_skip=apply_skip, loss=loss)
         except GradientAlarmError as alarm:
@@ -299,7 +324,33 @@ class GradGuard(GuardReadout):
             self._pending_log = PendingLog(step, shown, out.norms, out.clip, snapshot)
         self._step = step + 1
         self._in_step = True
+        if plan is not None and plan.lr_factor != 1.0 and self._ladder is not None:
+            self._ladder.lr.apply(binding.optimizer, plan.lr_factor)
         return out.decision
+
+    def _begin_recovery(self, binding: Binding, step: int) -> StepPlan | None:
+        """The ladder's actions for this step (None when it is off); raises when it is
+        exhausted and told to."""
+        ladder = self._ladder
+        if ladder is None:
+            return None
+        plan = ladder.begin_step(step, binding.model, binding.optimizer, self.config.clip)
+        for finding in plan.findings:
+            self._announce(finding, step, warn=plan.alarm is None)
+        if plan.alarm is not None:
+            self._step = step + 1
+            raise plan.alarm
+        return plan
+
+    def _drop_update(self, binding: Binding, step: int) -> StepDecision:
+        """A step whose update the ladder drops (the one that rolled back, and those after
+        it): its gradients belong to weights that no longer exist. Nothing is measured, so
+        no clip history or detector sees it; the optimizer sees no gradient."""
+        binding.optimizer.zero_grad(set_to_none=True)
+        self._skipped_steps += 1
+        self._step = step + 1
+        self._in_step = True
+        return StepDecision(step, True, None)
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Hand the guard this step's training loss, for the loss-aware detectors.
@@ -325,6 +376,8 @@ class GradGuard(GuardReadout):
         if not self._in_step:
             return
         self._in_step = False
+        if self._ladder is not None:
+            self._ladder.lr.restore()
         binding = self._binding
         if binding is None:
             return
@@ -345,6 +398,8 @@ class GradGuard(GuardReadout):
         if not (changed or moved):
             return binding
         self._mirror.drain(block=True)  # rare: read the old layout's packets first
+        if self._ladder is not None:
+            self._ladder.forget_snapshots()
         rebuilt = binding.rebuilt(self.config, self._all_detectors(), compiled=self._compiled)
         if changed:
             log.info(
@@ -371,9 +426,13 @@ class GradGuard(GuardReadout):
         stats = StepStats(
             step, layers, total, tuple(layer_norms), present, nonfinite, skipped, extras
         )
+        triggers: list[str] = []
         for detector in self._step_detectors:
             for finding in detector.on_step(stats):
+                triggers.append(finding.kind)
                 self._announce(finding, step)
+        if self._ladder is not None:
+            self._ladder.observe(step, skipped=bool(skipped), triggers=triggers)
 
     def _publish(self, binding: Binding, pending: PendingLog) -> None:
         self._mirror.drain(block=True)
@@ -383,6 +442,8 @@ class GradGuard(GuardReadout):
         }
         if self.config.clip is not None:
             host[CLIPPED_STEPS] = float(self._clipped_steps)
+        if self._ladder is not None:
+            host.update(self._ladder.metrics())
         detectors = self._all_detectors()
         stats = collect(
             pending, binding.layout, binding.computer, [d.metrics() for d in detectors], host

@@ -87,6 +87,8 @@ class StateSchema:
             "clip_type": type(clip).__name__ if clip is not None else "",
             "clip": clip.state_dict() if clip is not None else {},
             **guard._announcer.state_dict(),
+            # The recovery ladder's own state (its snapshots are memory only: not saved).
+            "recovery": guard._ladder.state_dict() if guard._ladder is not None else {},
             "detectors": {
                 **{name: d.state_dict() for name, d in _named_detectors(guard).items()},
                 "custom": [
@@ -149,6 +151,13 @@ class StateSchema:
             clip = guard.config.clip
             if clip is not None and checked["clip"] and checked["clip_type"] == type(clip).__name__:
                 clip.check_state(dict(checked["clip"]))
+            recovery = checked.get("recovery", {})
+            if not isinstance(recovery, Mapping):
+                raise ConfigurationError.bad_value(
+                    "state['recovery']", recovery, "expected a mapping"
+                )
+            if recovery and guard._ladder is not None:
+                guard._ladder.check_state(recovery)
             for name, detector in _named_detectors(guard).items():
                 if detectors.get(name):
                     detector.check_state(detectors[name])
@@ -231,3 +240,5 @@ class StateSchema:
             if saved.get("type") in ("", type(detector).__name__):
                 detector.load_state_dict(saved.get("state", {}))
         guard._announcer.load_state_dict(state)
+        if guard._ladder is not None and state.get("recovery"):
+            guard._ladder.load_state_dict(state["recovery"])

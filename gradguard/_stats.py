@@ -30,6 +30,10 @@ __all__ = [
     "NONFINITE_STEPS",
     "PARAM_HISTOGRAM",
     "PARAM_NORM",
+    "RECOVERY_INCIDENTS",
+    "RECOVERY_LR_BACKOFFS",
+    "RECOVERY_LR_FACTOR",
+    "RECOVERY_ROLLBACKS",
     "SATURATION",
     "SCALAR_METRICS",
     "SKIPPED_STEPS",
@@ -80,6 +84,12 @@ INPUT_MEAN = "input/mean"
 INPUT_STD = "input/std"
 INPUT_RMS = "input/rms"
 INPUT_SPREAD = "input/feature_spread"
+# The recovery ladder (``on_instability=gg.Recover()``): the LR factor in force, how often
+# it rolled back or lowered the learning rate, incidents counted toward the skip budget.
+RECOVERY_LR_FACTOR = "recovery/lr_factor"
+RECOVERY_ROLLBACKS = "recovery/rollbacks"
+RECOVERY_LR_BACKOFFS = "recovery/lr_backoffs"
+RECOVERY_INCIDENTS = "recovery/incidents_in_window"
 SCALAR_METRICS: tuple[str, ...] = (
     CLIP_THRESHOLD,
     CLIP_COEF,
@@ -97,6 +107,10 @@ SCALAR_METRICS: tuple[str, ...] = (
     INPUT_STD,
     INPUT_RMS,
     INPUT_SPREAD,
+    RECOVERY_LR_FACTOR,
+    RECOVERY_ROLLBACKS,
+    RECOVERY_LR_BACKOFFS,
+    RECOVERY_INCIDENTS,
 )
 
 # Per-layer histograms (``gg.Histograms``): of log10 |gradient| and log10 |parameter|.

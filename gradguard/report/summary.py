@@ -18,6 +18,7 @@ __all__ = ["KIND_LABELS", "build_summary", "kind_label", "kind_rank"]
 TOP_REMEDIES = 3
 
 KIND_LABELS = {
+    "recovery": "recovery actions (LR back-off, rollback)",
     "nonfinite": "NaN/Inf gradients",
     "nonfinite_source": "where the NaN/Inf starts",
     "overflow_risk": "activations near the fp16 limit",
