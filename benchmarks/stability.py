@@ -53,8 +53,10 @@ and every layer's update/parameter ratio are also recorded (``--json``), so a de
 be replayed offline on the same runs (the ratios cost the benchmark a parameter copy per
 step; gradguard's default guard does not pay it).
 
-A new configuration (a "recovery ladder", say) is one entry in ``CONFIGS``: a function that
-receives the model, its optimizer and whether to observe, and returns an ``Attached``.
+A new configuration is one entry in ``CONFIGS``: a function that receives the model, its
+optimizer and whether to observe, and returns an ``Attached``. The recovery ladder runs
+with ``on_exhausted="warn"`` so that every run completes and is scored like the others
+(the default, ``"raise"``, stops a run whose rollbacks are spent).
 """
 
 from __future__ import annotations
@@ -138,6 +140,12 @@ def _torch_clip(max_norm: float) -> Setup:
     return setup
 
 
+def _recover(model: nn.Module, optimizer: torch.optim.Optimizer, observe: bool) -> Attached:
+    """The recovery ladder with its defaults, a fresh one per run (it keeps state)."""
+    guard = _observer(model, optimizer, on_instability=gg.Recover(on_exhausted="warn"))
+    return Attached(guard=guard, teardown=guard.detach)
+
+
 def _gradguard_clip(make_clip: Callable[[], gg.ClipStrategy], **kwargs: Any) -> Setup:
     """A gradguard clip strategy; its guard is also the observer (one guard per optimizer)."""
 
@@ -162,6 +170,10 @@ CONFIGS: dict[str, Config] = {
     "clip_grad_norm": Config("`clip_grad_norm_(1.0)`", _torch_clip(1.0)),
     "autoclip": Config("`gg.AutoClip()`", _gradguard_clip(gg.AutoClip)),
     "zclip": Config("`gg.ZClip()`", _gradguard_clip(gg.ZClip)),
+    "recover": Config(
+        '`on_instability=gg.Recover(on_exhausted="warn")` (no clipping)',
+        _recover,
+    ),
     "zclip+skip": Config(
         '`gg.ZClip()`, `on_nonfinite="skip"`, `on_spike="skip"`',
         _gradguard_clip(gg.ZClip, on_nonfinite="skip", on_spike="skip"),
