@@ -10,7 +10,7 @@ inherited docstring, through the ``griffe_inherited_docstrings`` extension). Eve
 
 Names that lack a docstring today are listed in ``docs/undocumented.txt``: the check fails
 on a missing docstring that is not in that list, and on a listed name that has one now (so
-the list only shrinks). Run it alone with ``python docs/check_docstrings.py``; ``mkdocs
+the list only shrinks). Run it alone with ``python docs/check_api.py``; ``mkdocs
 build`` runs it through the ``on_pre_build`` hook below (see ``hooks:`` in mkdocs.yml).
 """
 
@@ -26,7 +26,9 @@ from typing import Any
 MODULES = (
     "gradguard",
     "gradguard.integrations.lightning",
+    "gradguard.integrations.mlflow",
     "gradguard.integrations.tensorboard",
+    "gradguard.integrations.transformers",
     "gradguard.integrations.wandb",
 )
 BASELINE = Path(__file__).with_name("undocumented.txt")

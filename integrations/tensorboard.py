@@ -239,6 +239,7 @@ class TensorBoardSink:
 
     # ------------------------------------------------------------------ Sink protocol
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """Write one logging step's metrics at ``step`` (rank zero only)."""
         self._check_open()
         if not scalars or not is_rank_zero():
             return
@@ -271,6 +272,7 @@ class TensorBoardSink:
             self._unpainted = flow
 
     def log_event(self, event: Event) -> None:
+        """Write one Event's text under ``<prefix>/events/<kind>`` (rank zero only)."""
         self._check_open()
         if not is_rank_zero():
             return

@@ -133,9 +133,11 @@ class GradGuardCallback(_CallbackBase):
     # ------------------------------------------------------------------ readouts
     @property
     def events(self) -> list[gg.Event]:
+        """The guard's Events so far, oldest first."""
         return list(self.guard.events)
 
     def report(self) -> str:
+        """The guard's plain-text diagnosis (``guard.report()``)."""
         return self.guard.report()
 
     def __repr__(self) -> str:
