@@ -4,7 +4,9 @@ mkdocstrings has no option that fails on a missing docstring, so this check does
 public names are those in ``__all__`` of ``gradguard`` and of each integration module; for
 every class among them, so is each public method and property it defines (a method that
 overrides a documented one of a base class counts as documented: the site shows the
-inherited docstring, through the ``griffe_inherited_docstrings`` extension). Every name in
+inherited docstring, through the ``griffe_inherited_docstrings`` extension). A constant
+(``EVENT_KINDS``) needs the docstring written under it, as griffe reads it for the site: its
+``__doc__`` would be its type's. Every name in
 ``gradguard.__all__`` must also be rendered by a ``::: gradguard.NAME`` line of a page under
 ``docs/reference/api/``, and each integration module by ``::: gradguard.integrations.X``.
 
@@ -17,6 +19,7 @@ build`` runs it through the ``on_pre_build`` hook below (see ``hooks:`` in mkdoc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import sys
@@ -35,7 +38,30 @@ BASELINE = Path(__file__).with_name("undocumented.txt")
 API_PAGES = Path(__file__).with_name("reference") / "api"
 
 
-def _own_doc(obj: Any) -> str | None:
+@functools.cache
+def _sources() -> Any:
+    """gradguard as griffe reads it (with ``gradguard.integrations``), for attribute docstrings."""
+    import griffe
+
+    extensions = griffe.load_extensions(
+        f"{Path(__file__).with_name('griffe_integrations.py')}:IntegrationsSubpackage"
+    )
+    return griffe.load("gradguard", extensions=extensions, resolve_aliases=False)
+
+
+def _data_doc(qualified: str) -> str | None:
+    """The docstring written under a module attribute (``NAME = ...`` then a string), as the
+    site shows it; a constant has no ``__doc__`` of its own (its type's would be found)."""
+    try:
+        docstring = _sources()[qualified.removeprefix("gradguard.")].docstring
+    except (KeyError, AttributeError):
+        return None
+    return docstring.value if docstring is not None and docstring.value.strip() else None
+
+
+def _own_doc(obj: Any, qualified: str = "") -> str | None:
+    if not (inspect.isclass(obj) or inspect.ismodule(obj) or callable(obj)):
+        return _data_doc(qualified)
     if inspect.isclass(obj):
         doc = obj.__dict__.get("__doc__")
         if dataclasses.is_dataclass(obj) and doc and doc.startswith(f"{obj.__name__}("):
@@ -79,7 +105,7 @@ def undocumented() -> list[str]:
                 continue  # __version__
             obj = getattr(module, name)
             qualified = f"{module_name}.{name}"
-            if not _own_doc(obj):
+            if not _own_doc(obj, qualified):
                 missing.append(qualified)
             if inspect.isclass(obj):
                 missing += [

@@ -94,6 +94,8 @@ LAYOUT_TAG = "custom_scalars__config__"  # where TensorBoard's custom-scalars pl
 # A series only this sink writes (derived from grad_norm): TensorBoard's custom-scalars
 # charts have no log-axis setting, so a log10 series is what shows a vanishing layer.
 GRAD_NORM_LOG10 = "grad_norm_log10"
+"""The metric of the per-layer log10 gradient-norm series that only TensorBoard gets
+(``<prefix>/grad_norm_log10/<layer>``, with ``log10_norms=True``)."""
 
 
 def custom_scalars_layout(

@@ -74,6 +74,7 @@ from ._trainer_logs import TrainerLogs, logging_interval, trainer_logs_after
 __all__ = ["STATE_FILE", "GradGuardCallback"]
 
 STATE_FILE = "gradguard.pt"
+"""The file, in each ``checkpoint-<global_step>`` folder, that holds the guard's state."""
 STATE_VERSION = 1
 # Without log_every_n_steps and without step-based Trainer logging (logging_strategy="epoch").
 _FALLBACK_EVERY = 50
