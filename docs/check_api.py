@@ -78,7 +78,7 @@ def _member_doc(cls: type, name: str) -> str | None:
         if isinstance(member, (staticmethod, classmethod)):
             member = member.__func__
         doc = getattr(member, "__doc__", None)
-        if doc and doc.strip():
+        if isinstance(doc, str) and doc.strip():
             return doc
     return None
 
