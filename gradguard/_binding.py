@@ -69,6 +69,7 @@ class Binding:
         layout: LayerLayout,
         *,
         compiled: bool,
+        eager_through: nn.Module | None = None,
     ) -> Binding:
         """Bind the clip and every detector to ``layout``."""
         computer = GradNormComputer(layout, model)
@@ -97,8 +98,8 @@ class Binding:
         for detector in detectors:
             detector.bind(context)
         depth = None
-        if not layout.depth_known and not compiled:
-            depth = DepthRecorder(model, layout)
+        if not layout.depth_known and (not compiled or eager_through is not None):
+            depth = DepthRecorder(model, layout, eager_through)
         return cls(
             model=model,
             optimizer=optimizer,
@@ -175,8 +176,12 @@ class Binding:
         spots = []
         if self.context.compiled:
             spots.append(
-                "the model runs through torch.compile: activations are not sampled and the "
-                "depth order is the modules' registration order"
+                "the model runs through torch.compile: activations are not sampled"
+                + (
+                    ""
+                    if self.layout.depth_known
+                    else " and the depth order is the modules' registration order"
+                )
             )
         fused_rnn = sorted(
             {type(m).__name__ for m in self.model.modules() if isinstance(m, nn.RNNBase)}

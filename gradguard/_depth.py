@@ -6,9 +6,17 @@ first forward pass after attach is watched with forward pre-hooks on the
 parameter-owning modules; the order in which each first runs is the depth order. The
 hooks come off at the end of that pass (or at the first optimizer step, when the model's
 own forward is never called, as in a LightningModule whose ``training_step`` calls its
-submodules), so later passes pay nothing. A model compiled with ``torch.compile`` is not
-hooked (hooks added after compilation are ignored by compiled code): it keeps
-registration order, and the guard's ``depth_source`` says so.
+submodules), so later passes pay nothing.
+
+A model wrapped by ``torch.compile(model)`` runs compiled code that ignores hooks added
+after compilation (and would trace, then guard on, hooks present at compilation). Its
+first pass after attach is therefore run eagerly instead: a forward pre-hook on the
+``OptimizedModule`` wrapper (which runs in Python, outside the compiled frame) sets the
+compiler's ``force_eager`` stance for that one call, so the inner modules' hooks fire; the
+stance is restored when the call ends (or at the first optimizer step, or on detach, if
+the pass was interrupted), and the next pass compiles with no hook present: no
+recompilation. A module compiled in place (``model.compile()``) has no such outer call:
+it keeps registration order, and the guard's ``depth_source`` says so.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -27,12 +36,25 @@ __all__ = ["DepthRecorder"]
 class DepthRecorder:
     """Watches the first forward pass; ``finish()`` hands back the order seen."""
 
-    def __init__(self, model: nn.Module, layout: LayerLayout) -> None:
+    def __init__(
+        self, model: nn.Module, layout: LayerLayout, eager_through: nn.Module | None = None
+    ) -> None:
+        """``eager_through``: the ``torch.compile`` wrapper whose first call after attach
+        runs eagerly, so that the inner modules' hooks fire (see the module docstring)."""
         self._seen: dict[str, None] = {}  # insertion-ordered set
         self._handles: list[RemovableHandle] = []
+        self._stance: Any = None  # the force_eager stance while the first pass runs
         for name, module in layout.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
         self._handles.append(model.register_forward_hook(self._done, always_call=True))
+        if eager_through is not None:
+            self._handles.append(eager_through.register_forward_pre_hook(self._go_eager))
+            self._handles.append(eager_through.register_forward_hook(self._done, always_call=True))
+
+    def _go_eager(self, module: nn.Module, args: Any) -> None:
+        if self._stance is None:
+            # set_stance takes effect when made; its __exit__ puts the previous one back.
+            self._stance = torch.compiler.set_stance("force_eager")
 
     def _pre_hook(self, name: str) -> Callable[[nn.Module, Any], None]:
         def pre_hook(module: nn.Module, args: Any) -> None:
@@ -57,3 +79,6 @@ class DepthRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        stance, self._stance = self._stance, None
+        if stance is not None:
+            stance.__exit__(None, None, None)

@@ -12,7 +12,6 @@ __all__ = [
     "GradGuardWarning",
     "GradientAlarmError",
     "MissingDependencyError",
-    "user_stacklevel",
 ]
 
 # Frames of these packages are never "the user's line": a warning raised from inside an
@@ -135,3 +134,15 @@ def check_number(
             name, value, f"expected a number in {left}{lo}, {hi}{right}"
         )
     return number
+
+
+def check_number_lists(state: Any, keys: Iterable[str]) -> None:
+    """Refuse a saved state whose ``keys`` (absent = empty) are not lists of numbers."""
+    for key in keys:
+        values = state.get(key, [])
+        if not isinstance(values, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        ):
+            raise ConfigurationError.bad_value(
+                f"state[{key!r}]", values, "expected a list of numbers"
+            )

@@ -42,7 +42,7 @@ from ._stats import (
     StepStats,
 )
 from ._step import SCALER_OVERFLOW, SKIP
-from ._wrappers import unwrap_model, unwrap_optimizer
+from ._wrappers import compile_wrapper, unwrap_model, unwrap_optimizer
 from .activations.monitor import compiled
 from .detect.base import Detector
 from .detect.nonfinite import NonfiniteDetector
@@ -153,6 +153,7 @@ class GradGuard(GuardReadout):
         if not isinstance(model, nn.Module):
             raise ConfigurationError.bad_value("model", model, "expected a torch.nn.Module")
         self._compiled = compiled(model)
+        eager_through = compile_wrapper(model)
         model = unwrap_model(model)
         optimizer = unwrap_optimizer(optimizer)
         layout = discover_layers(model, optimizer)
@@ -175,6 +176,7 @@ class GradGuard(GuardReadout):
                 optimizer,
                 layout,
                 compiled=self._compiled,
+                eager_through=eager_through,
             )
             _watched_optimizers.add(optimizer)
             if self._pending_state is not None:

@@ -17,7 +17,27 @@ from torch import nn
 
 from ._errors import ConfigurationError
 
-__all__ = ["ROOT_LAYER", "LayerLayout", "WatchedSet", "discover_layers", "merge_depth_order"]
+__all__ = [
+    "NORMALISATION_LAYERS",
+    "ROOT_LAYER",
+    "LayerLayout",
+    "WatchedSet",
+    "discover_layers",
+    "merge_depth_order",
+]
+
+# Modules that normalise what they read (RMSNorm where this torch has it).
+NORMALISATION_LAYERS: tuple[type[nn.Module], ...] = tuple(
+    t
+    for t in (
+        nn.modules.batchnorm._NormBase,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.LocalResponseNorm,
+        getattr(nn, "RMSNorm", None),
+    )
+    if isinstance(t, type)
+)
 
 ROOT_LAYER = "root"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["unwrap_model", "unwrap_optimizer"]
+__all__ = ["compile_wrapper", "unwrap_model", "unwrap_optimizer"]
 
 # Wrapper class name -> the attribute holding the wrapped module.
 _MODEL_WRAPPERS = {
@@ -32,6 +32,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
         model = inner
     return model
+
+
+def compile_wrapper(model: nn.Module) -> nn.Module | None:
+    """The ``torch.compile`` wrapper (``OptimizedModule``) among the wrappers, if any."""
+    for _ in range(8):
+        if type(model).__name__ == "OptimizedModule":
+            return model
+        attribute = _MODEL_WRAPPERS.get(type(model).__name__)
+        inner = getattr(model, attribute, None) if attribute else None
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+    return None
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

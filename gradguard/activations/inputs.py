@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._dist import is_dtensor
+from .._layers import NORMALISATION_LAYERS
 from .._stats import INPUT_MEAN, INPUT_RMS, INPUT_SPREAD, INPUT_STD
 
 __all__ = ["INPUT_TRACK", "InputStats", "input_metrics", "reads_normalised"]
@@ -25,22 +26,10 @@ __all__ = ["INPUT_TRACK", "InputStats", "input_metrics", "reads_normalised"]
 # The producer-map layer name that marks "the model's inputs" (never a real layer's name).
 INPUT_TRACK = ""
 
-_NORMALISING = tuple(
-    t
-    for t in (
-        nn.modules.batchnorm._NormBase,
-        nn.LayerNorm,
-        nn.GroupNorm,
-        nn.LocalResponseNorm,
-        getattr(nn, "RMSNorm", None),
-    )
-    if isinstance(t, type)
-)
-
 
 def reads_normalised(module: nn.Module) -> bool:
     """The module normalises what it reads: inputs reaching it first need no advice."""
-    return isinstance(module, _NORMALISING)
+    return isinstance(module, NORMALISATION_LAYERS)
 
 
 @dataclass

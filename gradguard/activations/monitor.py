@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .._debounce import Finding
-from .._errors import GradGuardWarning, check_number, check_positive_int
+from .._errors import ConfigurationError, GradGuardWarning, check_number, check_positive_int
 from .._stats import LoggedStats
 from ..detect.base import Detector, GuardContext
 from ..report.causes import INPUT_RMS_LIMIT, INPUT_SPREAD_LIMIT
@@ -231,6 +231,25 @@ class ActivationMonitor(Detector):
         if self._first_weights is not None:
             state["first_weights"] = [self._first_weights[0], dict(self._first_weights[1])]
         return state
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Refuse a malformed state before any part of the guard's state is applied."""
+        try:
+            healthy = state.get("healthy", {})
+            for value in healthy.values():
+                if len(value) != 2:
+                    raise ValueError("expected [step, fraction] pairs")
+                float(value[0]), float(value[1])
+            first = state.get("first_weights")
+            if first is not None:
+                int(first[0])
+                for weight in first[1].values():
+                    float(weight)
+        except (AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:
+            raise ConfigurationError(
+                f"ActivationMonitor state is malformed ({exc}): expected the dict "
+                "ActivationMonitor.state_dict() returns"
+            ) from None
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._healthy = {

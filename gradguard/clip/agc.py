@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .._dist import distributed, local_tensor, shard_dims
+from .._dist import distributed, is_dtensor, local_tensor, shard_dims
 from .._errors import ConfigurationError, check_number
 from .._layers import LayerLayout
 from .base import ClipContext, ClipResult, ClipStrategy, stacked_norms
@@ -61,6 +62,7 @@ class AGC(ClipStrategy):
                 )
         self.exclude: tuple[str, ...] = names  # type: ignore[assignment]
         self._skip: set[int] = set()
+        self._plans: dict[tuple[int, ...], _Plan] = {}
 
     def _config(self) -> dict[str, Any]:
         return {"clipping": self.clipping, "eps": self.eps, "exclude": self.exclude}
@@ -71,6 +73,7 @@ class AGC(ClipStrategy):
         self._nan = torch.full((), math.nan, device=device)
         self._one = torch.ones((), device=device)
         self._skip = set()
+        self._plans = {}  # a new layout: new parameters, new buckets
         for name in self.exclude:
             matched = [
                 i
@@ -133,37 +136,33 @@ class AGC(ClipStrategy):
         """
         layout = self.layout
         assert layout is not None
-        kept: list[torch.Tensor] = []
-        vectors: list[tuple[torch.Tensor, torch.Tensor]] = []
-        stacks: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        singles: list[tuple[torch.Tensor, torch.Tensor]] = []
+        params = layout.params
+        all_grads = [p.grad for p in params]
+        # Which parameters go in which bucket depends only on which have a (sparse) gradient:
+        # worked out once per pattern, not per parameter on every step.
+        key = tuple(0 if g is None else 2 if g.is_sparse else 1 for g in all_grads)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 16:  # patterns that keep changing: keep memory bounded
+                self._plans.clear()
+            plan = self._plans[key] = self._plan(params, all_grads)
+        local = local_tensor if plan.dtensors else _same
+
+        def pair(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return local(all_grads[index]), local(params[index])  # type: ignore[arg-type]
+
+        kept = [local(all_grads[i]) for i in plan.kept]  # type: ignore[arg-type]
+        kept = [g.coalesce()._values() if g.is_sparse else g for g in kept]
+        vectors = [pair(i) for i in plan.vectors]
+        stacks = [[pair(i) for i in members] for members in plan.stacks]
+        singles = [pair(i) for i in plan.singles]
         partial: list[tuple[torch.Tensor, list[torch.Tensor], list[int]]] = []
         split_grads: list[torch.Tensor] = []
-        for index, param in enumerate(layout.params):
-            grad = param.grad
-            if grad is None:
-                continue
-            local_grad = local_tensor(grad)
-            if index in self._skip or local_grad.is_sparse:
-                kept.append(
-                    local_grad if not local_grad.is_sparse else local_grad.coalesce()._values()
-                )
-                continue
-            weight = local_tensor(param)  # the pipeline runs under no_grad: no detach needed
-            # A unit split across ranks (a sharded bias; a row cut by tensor parallelism)
-            # needs the sum of its squares from every shard.
-            splits = [m for m, d in shard_dims(grad) if local_grad.ndim <= 1 or d != 0]
-            if splits:
-                squares = [_unit_squares(local_grad), _unit_squares(weight)]
-                partial.append((grad, squares, splits))
-                split_grads.append(local_grad)
-            elif local_grad.ndim <= 1:
-                vectors.append((local_grad, weight))
-            elif local_grad.numel() <= STACK_LIMIT:
-                key = (local_grad.device, local_grad.dtype, tuple(local_grad.shape[1:]))
-                stacks.setdefault(key, []).append((local_grad, weight))
-            else:
-                singles.append((local_grad, weight))
+        for index, splits in plan.partial:
+            local_grad, weight = pair(index)
+            squares = [_unit_squares(local_grad), _unit_squares(weight)]
+            partial.append((all_grads[index], squares, splits))  # type: ignore[arg-type]
+            split_grads.append(local_grad)
         grads: list[torch.Tensor] = []
         buckets: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._split_sizes: list[list[int] | None] = []
@@ -179,7 +178,7 @@ class AGC(ClipStrategy):
             grad_part, weight_part = torch.split(both, len(vectors))
             buckets.append((grad_part, weight_part))
             self._split_sizes.append(None)
-        for members in stacks.values():
+        for members in stacks:
             # timm's unitwise_norm: over every dimension but the first, in the param's dtype.
             stacked_grads = torch.cat([g for g, _ in members])
             dims = tuple(range(1, stacked_grads.ndim))
@@ -213,6 +212,32 @@ class AGC(ClipStrategy):
                 self._split_sizes.append([squares[0].shape[0]] if squares[0].ndim else None)
         return grads, kept, buckets
 
+    def _plan(self, params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> _Plan:
+        """Sort the parameters with a gradient into buckets (see ``_buckets``)."""
+        plan = _Plan(dtensors=any(is_dtensor(p) for p in params))
+        stacks: dict[tuple[Any, ...], list[int]] = {}
+        for index, grad in enumerate(grads):
+            if grad is None:
+                continue
+            local_grad = local_tensor(grad)
+            if index in self._skip or local_grad.is_sparse:
+                plan.kept.append(index)
+                continue
+            # A unit split across ranks (a sharded bias; a row cut by tensor parallelism)
+            # needs the sum of its squares from every shard.
+            splits = [m for m, d in shard_dims(grad) if local_grad.ndim <= 1 or d != 0]
+            if splits:
+                plan.partial.append((index, splits))
+            elif local_grad.ndim <= 1:
+                plan.vectors.append(index)
+            elif local_grad.numel() <= STACK_LIMIT:
+                key = (local_grad.device, local_grad.dtype, tuple(local_grad.shape[1:]))
+                stacks.setdefault(key, []).append(index)
+            else:
+                plan.singles.append(index)
+        plan.stacks = list(stacks.values())
+        return plan
+
     def _per_tensor(
         self, factors: torch.Tensor, buckets: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> list[torch.Tensor]:
@@ -225,6 +250,22 @@ class AGC(ClipStrategy):
             else:
                 out += torch.split(piece.reshape(norms.shape), sizes)
         return out
+
+
+@dataclass
+class _Plan:
+    """Parameter indices per bucket, for one pattern of present (and sparse) gradients."""
+
+    dtensors: bool
+    kept: list[int] = field(default_factory=list)
+    vectors: list[int] = field(default_factory=list)
+    stacks: list[list[int]] = field(default_factory=list)
+    singles: list[int] = field(default_factory=list)
+    partial: list[tuple[int, list[int]]] = field(default_factory=list)
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _norm_dtype(members: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.dtype | None:

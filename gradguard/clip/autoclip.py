@@ -196,6 +196,12 @@ class AutoClip(ClipStrategy):
                 f"AutoClip history={self.history} cannot load a state saved with "
                 f"history={ring.shape[-1]}: use the same history as the saved run"
             )
+        steps = state.get("steps", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigurationError(
+                f"AutoClip state: steps={steps!r} is not valid: expected a count of steps "
+                "(an integer >= 0)"
+            )
         if ("layers" in state) != self.per_layer:
             saved = "per_layer=True" if "layers" in state else "per_layer=False"
             raise ConfigurationError(

@@ -21,6 +21,7 @@ from torch import nn
 
 from .._debounce import Finding
 from .._errors import ConfigurationError, check_number, check_positive_int
+from .._layers import NORMALISATION_LAYERS
 from .._stats import DEAD_FRACTION, INPUT_RMS, INPUT_SPREAD, SATURATION, LoggedStats
 from ..report.advice import ModelTraits, exploding_text, vanishing_text
 from ..report.causes import inputs_remedy
@@ -36,22 +37,12 @@ _WEIGHT_TYPES: tuple[type[nn.Module], ...] = (
     nn.RNNCellBase,
     nn.MultiheadAttention,
 )
-_NO_DEPTH_TYPES: tuple[type[nn.Module], ...] = tuple(
-    t
-    for t in (
-        nn.Embedding,
-        nn.EmbeddingBag,
-        nn.modules.batchnorm._NormBase,
-        nn.LayerNorm,
-        nn.GroupNorm,
-        nn.LocalResponseNorm,
-        getattr(nn, "RMSNorm", None),
-    )
-    if isinstance(t, type)
+_NO_DEPTH_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Embedding,
+    nn.EmbeddingBag,
+    *NORMALISATION_LAYERS,
 )
-_NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
-    t for t in _NO_DEPTH_TYPES if t not in (nn.Embedding, nn.EmbeddingBag)
-)
+_NORM_TYPES = NORMALISATION_LAYERS
 _SATURATING_TYPES: tuple[type[nn.Module], ...] = (
     nn.Sigmoid,
     nn.Tanh,

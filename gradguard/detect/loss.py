@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._debounce import Finding
-from .._errors import ConfigurationError, check_number, check_positive_int
+from .._errors import ConfigurationError, check_number, check_number_lists, check_positive_int
 from .._stats import LOSS_ZSCORE, StepStats
 from ..report.stability_advice import loss_spike_text
 from .base import Detector
@@ -57,11 +57,12 @@ class LossSpikeDetector(Detector):
     ``exp(threshold * min_std)``-fold jump (1.5x with the defaults, the stability
     benchmark's definition of a loss spike).
 
-    No blind warm-up: the score needs ``warmup_steps`` losses (5); before that, a loss
-    above ``early_factor`` (2x) times the larger of the first two losses is a spike. A
-    learning rate far too high shows right there: in the stability benchmark the loss
-    passes twice its starting value by step 3, and a climb that steep inflates the median
-    absolute deviation of any window that contains it.
+    No blind warm-up: the score needs ``warmup_steps`` losses (5); before that, two losses
+    in a row above ``early_factor`` (2x) times the larger of the first two losses are a
+    spike (one alone can be a hard small batch). A learning rate far too high shows right
+    there: in the stability benchmark the loss passes twice its starting value by step 3
+    and stays there, and a climb that steep inflates the median absolute deviation of any
+    window that contains it.
 
     The jump must also undo at least ``min_rise`` (10%) of the progress made so far (the
     median of the first ``warmup_steps`` losses minus the current median): a nearly
@@ -118,7 +119,10 @@ class LossSpikeDetector(Detector):
         if len(self._logs) < self.warmup_steps:
             self._logs.append(x)
             start = max(self._first[:2])
-            early = len(self._logs) > 2 and loss > self.early_factor * start
+            # Two losses in a row above the limit: one alone can be a hard small batch (a
+            # batch of 8 moves a loss 5x), a learning rate far too high keeps climbing.
+            limit = math.log(self.early_factor * start)
+            early = len(self._logs) > 3 and x > limit and self._logs[-2] > limit
             return LossScore(0.0, early, start, early=early)
         ordered = sorted(self._logs)
         center = median(ordered)
@@ -181,14 +185,7 @@ class LossSpikeDetector(Detector):
         return {"logs": list(self._logs), "first": list(self._first)}
 
     def check_state(self, state: Mapping[str, Any]) -> None:
-        for key in ("logs", "first"):
-            values = state.get(key, [])
-            if not isinstance(values, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
-            ):
-                raise ConfigurationError.bad_value(
-                    f"state[{key!r}]", values, "expected a list of numbers"
-                )
+        check_number_lists(state, ("logs", "first"))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._logs = deque((float(v) for v in state.get("logs", [])), maxlen=self.window)

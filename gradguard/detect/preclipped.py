@@ -62,6 +62,7 @@ class ClippedElsewhereDetector(Detector):
             raise ConfigurationError.bad_value("min_pinned", min_pinned, allowed)
         self.rtol = check_number("rtol", rtol, low=0.0, high=0.01, low_open=True)
         self._recent: deque[tuple[float, tuple[float, ...]]] = deque(maxlen=self.window)
+        self._totals: deque[float] = deque(maxlen=self.window)  # the same steps' totals
         self._layers: tuple[str, ...] = ()
         self.reported = False
 
@@ -79,11 +80,13 @@ class ClippedElsewhereDetector(Detector):
             return []
         if stats.layers != self._layers:  # new layout: its norms are not comparable
             self._recent.clear()
+            self._totals.clear()
             self._layers = stats.layers
         self._recent.append((total, stats.layer_norms))
+        self._totals.append(total)
         if len(self._recent) < self.min_pinned:
             return []
-        ceiling = max(value for value, _ in self._recent)
+        ceiling = max(self._totals)  # a C-level max: this runs on every step
         floor = ceiling - (self.rtol * ceiling + _ABSOLUTE_SLACK)
         if total < floor or ceiling < _MIN_CEILING:
             return []  # only a step on the ceiling can complete the pattern
@@ -135,6 +138,7 @@ class ClippedElsewhereDetector(Detector):
         """Restore ``state_dict()``; the window of recent norms starts empty."""
         self.reported = bool(state.get("reported", False))
         self._recent.clear()
+        self._totals.clear()
 
 
 def _direction_changed(pinned: list[tuple[float, ...]], ceiling: float) -> bool:

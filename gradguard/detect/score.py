@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._debounce import Finding
-from .._errors import ConfigurationError, check_number, check_positive_int
+from .._errors import ConfigurationError, check_number, check_number_lists, check_positive_int
 from .._stats import SPIKE_SCORE, SPIKE_SCORE_TOTAL, StepStats
 from .base import Detector
 
@@ -143,14 +143,7 @@ class StabilityScore(Detector):
         }
 
     def check_state(self, state: Mapping[str, Any]) -> None:
-        for key in ("loss", "norm", "flags"):
-            values = state.get(key, [])
-            if not isinstance(values, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
-            ):
-                raise ConfigurationError.bad_value(
-                    f"state[{key!r}]", values, "expected a list of numbers"
-                )
+        check_number_lists(state, ("loss", "norm", "flags"))
         for key in ("total_spikes", "scored_steps"):
             check_positive_int(f"state[{key!r}]", state.get(key, 0), allow_zero=True)
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._debounce import Finding
-from .._errors import ConfigurationError, check_number, check_positive_int
+from .._errors import ConfigurationError, check_number, check_number_lists, check_positive_int
 from .._stats import TREND_LOSS, TREND_NORM, StepStats
 from ..report.stability_advice import rising_text
 from .base import Detector
@@ -45,11 +45,12 @@ class MannKendall:
         self.s = 0
 
     def push(self, value: float) -> None:
+        # Signs inlined in list comprehensions: this runs on every step, on the host.
         values = self.values
         if len(values) == values.maxlen:
             oldest = values.popleft()
-            self.s -= sum(_sign(v - oldest) for v in values)
-        self.s += sum(_sign(value - v) for v in values)
+            self.s -= sum([(v > oldest) - (v < oldest) for v in values])
+        self.s += sum([(value > v) - (value < v) for v in values])
         values.append(value)
 
     @property
@@ -225,14 +226,7 @@ class TrendDetector(Detector):
         }
 
     def check_state(self, state: Mapping[str, Any]) -> None:
-        for key in ("loss", "norm", "loss_start", "norm_start"):
-            values = state.get(key, [])
-            if not isinstance(values, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
-            ):
-                raise ConfigurationError.bad_value(
-                    f"state[{key!r}]", values, "expected a list of numbers"
-                )
+        check_number_lists(state, ("loss", "norm", "loss_start", "norm_start"))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._loss.load([float(v) for v in state.get("loss", [])][-self.window :])

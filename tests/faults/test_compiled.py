@@ -1,9 +1,9 @@
 """Compiled models (``torch.compile`` with the ``aot_eager`` backend: no C++ compiler).
 
-Under compile the depth order is the modules' registration order (forward hooks added
-after compilation never run), so a textbook vanishing-gradient sigmoid stack is diagnosed
-right when its modules are registered input first, as ``nn.Sequential`` does, and wrongly
-when they are not.
+``torch.compile(model)``: the first pass after attach runs eagerly (the compiler's
+``force_eager`` stance, set from the wrapper's own pre-hook), so the depth order is the
+data's path whatever order the modules were registered in, with no recompilation. A module
+compiled in place (``model.compile()``) keeps registration order, and says so.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _train(reverse: bool) -> gg.GradGuard:
 
 def test_a_compiled_sigmoid_stack_is_reported_as_vanishing() -> None:
     guard = _train(reverse=False)
-    assert guard.depth_source == "registration"
+    assert guard.depth_source == "forward"
     assert guard.layers == [f"l{i}" for i in range(DEPTH)]
     kinds = [e.kind for e in guard.events]
     assert "vanishing" in kinds and "exploding" not in kinds
@@ -72,17 +72,49 @@ def test_a_compiled_sigmoid_stack_is_reported_as_vanishing() -> None:
     assert "l0" in event.layers and f"l{DEPTH - 1}" not in event.layers  # the input side
     spots = guard.blind_spots()
     assert any("torch.compile" in s and "activations are not sampled" in s for s in spots)
-    assert any("registration order" in s for s in spots)
+    assert not any("registration order" in s for s in spots)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_binding.py Binding.create installs no DepthRecorder on compiled models, so "
-    "their depth order is registration order; registered output first, the vanishing "
-    "stack reads as exploding. Dynamo traces forward hooks present at its first "
-    "compilation: recording on compiled models too (hooks removed at the first step, one "
-    "recompilation) would learn the data's order when attach precedes the first forward",
-)
+def test_the_eager_first_pass_costs_no_recompilation_and_leaves_the_stance() -> None:
+    model = SigmoidStack(reverse=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gg.GradGuardWarning)
+        guard = gg.attach(compiled, opt, log_every_n_steps=10, warn=False)
+    x, y = torch.randn(4, 16), torch.rand(4, 16)
+    torch._dynamo.utils.counters.clear()
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.mse_loss(compiled(x), y).backward()
+        opt.step()
+    assert guard.layers == [f"l{i}" for i in range(DEPTH)]  # the data's order
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames == 1, torch._dynamo.utils.counters  # compiled once, after the eager pass
+    # The stance is back to default: a fresh compiled function still compiles.
+    fn = torch.compile(lambda t: t * 2, backend="aot_eager")
+    fn(x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    guard.detach()
+
+
+def test_a_module_compiled_in_place_keeps_registration_order_and_says_so() -> None:
+    model = SigmoidStack(reverse=True)
+    model.compile(backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gg.GradGuardWarning)
+        guard = gg.attach(model, opt, log_every_n_steps=10, warn=False)
+    x, y = torch.randn(4, 16), torch.rand(4, 16)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    assert guard.depth_source == "registration"
+    assert any("registration order" in s for s in guard.blind_spots())
+    guard.detach()
+
+
 def test_a_compiled_stack_registered_output_first_is_still_vanishing() -> None:
     guard = _train(reverse=True)
     kinds = [e.kind for e in guard.events]
