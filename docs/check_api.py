@@ -4,19 +4,22 @@ mkdocstrings has no option that fails on a missing docstring, so this check does
 public names are those in ``__all__`` of ``gradguard`` and of each integration module; for
 every class among them, so is each public method and property it defines (a method that
 overrides a documented one of a base class counts as documented: the site shows the
-inherited docstring, through the ``griffe_inherited_docstrings`` extension). Every name in
+inherited docstring, through the ``griffe_inherited_docstrings`` extension). A constant
+(``EVENT_KINDS``) needs the docstring written under it, as griffe reads it for the site: its
+``__doc__`` would be its type's. Every name in
 ``gradguard.__all__`` must also be rendered by a ``::: gradguard.NAME`` line of a page under
 ``docs/reference/api/``, and each integration module by ``::: gradguard.integrations.X``.
 
 Names that lack a docstring today are listed in ``docs/undocumented.txt``: the check fails
 on a missing docstring that is not in that list, and on a listed name that has one now (so
-the list only shrinks). Run it alone with ``python docs/check_docstrings.py``; ``mkdocs
+the list only shrinks). Run it alone with ``python docs/check_api.py``; ``mkdocs
 build`` runs it through the ``on_pre_build`` hook below (see ``hooks:`` in mkdocs.yml).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import sys
@@ -26,14 +29,39 @@ from typing import Any
 MODULES = (
     "gradguard",
     "gradguard.integrations.lightning",
+    "gradguard.integrations.mlflow",
     "gradguard.integrations.tensorboard",
+    "gradguard.integrations.transformers",
     "gradguard.integrations.wandb",
 )
 BASELINE = Path(__file__).with_name("undocumented.txt")
 API_PAGES = Path(__file__).with_name("reference") / "api"
 
 
-def _own_doc(obj: Any) -> str | None:
+@functools.cache
+def _sources() -> Any:
+    """gradguard as griffe reads it (with ``gradguard.integrations``), for attribute docstrings."""
+    import griffe
+
+    extensions = griffe.load_extensions(
+        f"{Path(__file__).with_name('griffe_integrations.py')}:IntegrationsSubpackage"
+    )
+    return griffe.load("gradguard", extensions=extensions, resolve_aliases=False)
+
+
+def _data_doc(qualified: str) -> str | None:
+    """The docstring written under a module attribute (``NAME = ...`` then a string), as the
+    site shows it; a constant has no ``__doc__`` of its own (its type's would be found)."""
+    try:
+        docstring = _sources()[qualified.removeprefix("gradguard.")].docstring
+    except (KeyError, AttributeError):
+        return None
+    return docstring.value if docstring is not None and docstring.value.strip() else None
+
+
+def _own_doc(obj: Any, qualified: str = "") -> str | None:
+    if not (inspect.isclass(obj) or inspect.ismodule(obj) or callable(obj)):
+        return _data_doc(qualified)
     if inspect.isclass(obj):
         doc = obj.__dict__.get("__doc__")
         if dataclasses.is_dataclass(obj) and doc and doc.startswith(f"{obj.__name__}("):
@@ -50,7 +78,7 @@ def _member_doc(cls: type, name: str) -> str | None:
         if isinstance(member, (staticmethod, classmethod)):
             member = member.__func__
         doc = getattr(member, "__doc__", None)
-        if doc and doc.strip():
+        if isinstance(doc, str) and doc.strip():
             return doc
     return None
 
@@ -77,7 +105,7 @@ def undocumented() -> list[str]:
                 continue  # __version__
             obj = getattr(module, name)
             qualified = f"{module_name}.{name}"
-            if not _own_doc(obj):
+            if not _own_doc(obj, qualified):
                 missing.append(qualified)
             if inspect.isclass(obj):
                 missing += [

@@ -52,10 +52,12 @@ class ConfigurationError(GradGuardError, ValueError):
 
     @classmethod
     def bad_value(cls, name: str, value: Any, allowed: str) -> ConfigurationError:
+        """The error for argument ``name`` given ``value``; ``allowed`` says what is valid."""
         return cls(f"{name}={value!r} is not valid: {allowed}")
 
     @classmethod
     def not_one_of(cls, name: str, value: Any, choices: Iterable[Any]) -> ConfigurationError:
+        """The error for argument ``name`` given ``value`` outside ``choices``."""
         listed = ", ".join(repr(c) for c in choices)
         return cls(f"{name}={value!r} is not valid: expected one of {listed}")
 

@@ -31,6 +31,9 @@ EVENT_KINDS: tuple[str, ...] = (
     "dead_units",
     "saturation",
 )
+"""The built-in Event kinds, most urgent first (the order of the report and the dashboards):
+what the guard did (``recovery``), then NaN/Inf, instability, causes, and the symptoms they
+produce. A detector of your own may report kinds of its own; they sort after these."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Event:
         return text if len(text) <= 63 else text[:60] + "..."
 
     def to_dict(self) -> dict[str, Any]:
+        """The Event as a plain dict (``layers`` as a list), ready for JSON."""
         data = asdict(self)
         data["layers"] = list(self.layers)
         return data

@@ -26,9 +26,11 @@ class MetricKeys:
         self.prefix = prefix
 
     def scalar(self, metric: str) -> str:
+        """The key of a scalar metric (``gradguard/clip/threshold``)."""
         return f"{self.prefix}/{metric}"
 
     def layer(self, metric: str, layer: str) -> str:
+        """The key of one layer's value of a per-layer metric (``gradguard/grad_norm/fc1``)."""
         return f"{self.prefix}/{metric}/{layer}"
 
     def family(self, metric: str) -> str:

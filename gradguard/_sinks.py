@@ -35,13 +35,22 @@ class Sink(Protocol):
             def close(self): ...
     """
 
-    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None: ...
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """One logging step's metrics, by key, at ``step`` (the sink step: under Lightning
+        or the Hugging Face Trainer, the trainer's global step)."""
+        ...
 
-    def log_event(self, event: Event) -> None: ...
+    def log_event(self, event: Event) -> None:
+        """One Event, as it is announced."""
+        ...
 
-    def flush(self) -> None: ...
+    def flush(self) -> None:
+        """Write out anything buffered (called by ``guard.detach()``)."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release files and connections (called by ``guard.close()``)."""
+        ...
 
 
 class MemorySink:
@@ -55,10 +64,12 @@ class MemorySink:
         self.events: list[Event] = []
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """Append each value to ``scalars[key]`` as ``(step, value)``."""
         for key, value in scalars.items():
             self.scalars.setdefault(key, []).append((step, value))
 
     def log_event(self, event: Event) -> None:
+        """Append the Event to ``events``."""
         self.events.append(event)
 
     def latest(self, key: str) -> float:
@@ -66,10 +77,10 @@ class MemorySink:
         return self.scalars[key][-1][1]
 
     def flush(self) -> None:
-        pass
+        """Nothing to write: everything is in memory already."""
 
     def close(self) -> None:
-        pass
+        """Nothing to release; the recorded values stay readable."""
 
 
 class LoggingSink:
@@ -92,11 +103,13 @@ class LoggingSink:
         self._limit = RateLimiter(self.min_interval_s)
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """One DEBUG record with every metric of the step (skipped unless DEBUG is on)."""
         if self.logger.isEnabledFor(logging.DEBUG):
             body = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
             self.logger.debug("step %d: %s", step, body)
 
     def log_event(self, event: Event) -> None:
+        """One INFO record per Event, rate-limited per kind (see the class docstring)."""
         suppressed = self._limit.admit(event.kind, self._clock())
         if suppressed is None:
             return
@@ -105,10 +118,12 @@ class LoggingSink:
         self.logger.info("%s [%s]%s", event, event.severity, extra)
 
     def flush(self) -> None:
+        """Flush the logger's own handlers."""
         for handler in self.logger.handlers:
             handler.flush()
 
     def close(self) -> None:
+        """Flush; the logger and its handlers stay open (they are not the sink's)."""
         self.flush()
 
 

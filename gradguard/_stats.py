@@ -219,14 +219,17 @@ class LoggedStats:
 
     @property
     def grad_norm(self) -> tuple[float | None, ...]:
+        """Per-layer gradient norms before clipping (``None``: no gradient)."""
         return self.per_layer[GRAD_NORM]
 
     @property
     def param_norm(self) -> tuple[float | None, ...]:
+        """Per-layer parameter norms (all ``None`` when not measured)."""
         return self.per_layer.get(PARAM_NORM, (None,) * len(self.layers))
 
     @property
     def update_ratio(self) -> tuple[float | None, ...] | None:
+        """Per-layer update/parameter norm ratios, or ``None`` when not measured."""
         return self.per_layer.get(UPDATE_RATIO)
 
     def layer_value(self, metric: str, layer: str) -> float | None:

@@ -259,6 +259,8 @@ class MlflowSink:
 
     # ------------------------------------------------------------------ Sink protocol
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """Queue one logging step's metrics for the run (rank zero only; the writer thread
+        sends them, so training does not wait on the tracking server)."""
         self._check_open()
         if not scalars or not is_rank_zero():
             return
@@ -291,6 +293,9 @@ class MlflowSink:
             self._unpainted = flow
 
     def log_event(self, event: Event) -> None:
+        """Queue one Event for the run (rank zero only): the tag
+        ``gradguard.last_event.<kind>``, ``gradguard.status`` when it is the worst severity
+        so far, and a line of the ``gradguard/events.jsonl`` artifact."""
         self._check_open()
         if not is_rank_zero():
             return

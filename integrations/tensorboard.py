@@ -94,6 +94,8 @@ LAYOUT_TAG = "custom_scalars__config__"  # where TensorBoard's custom-scalars pl
 # A series only this sink writes (derived from grad_norm): TensorBoard's custom-scalars
 # charts have no log-axis setting, so a log10 series is what shows a vanishing layer.
 GRAD_NORM_LOG10 = "grad_norm_log10"
+"""The metric of the per-layer log10 gradient-norm series that only TensorBoard gets
+(``<prefix>/grad_norm_log10/<layer>``, with ``log10_norms=True``)."""
 
 
 def custom_scalars_layout(
@@ -239,6 +241,7 @@ class TensorBoardSink:
 
     # ------------------------------------------------------------------ Sink protocol
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """Write one logging step's metrics at ``step`` (rank zero only)."""
         self._check_open()
         if not scalars or not is_rank_zero():
             return
@@ -271,6 +274,7 @@ class TensorBoardSink:
             self._unpainted = flow
 
     def log_event(self, event: Event) -> None:
+        """Write one Event's text under ``<prefix>/events/<kind>`` (rank zero only)."""
         self._check_open()
         if not is_rank_zero():
             return

@@ -74,6 +74,7 @@ from ._trainer_logs import TrainerLogs, logging_interval, trainer_logs_after
 __all__ = ["STATE_FILE", "GradGuardCallback"]
 
 STATE_FILE = "gradguard.pt"
+"""The file, in each ``checkpoint-<global_step>`` folder, that holds the guard's state."""
 STATE_VERSION = 1
 # Without log_every_n_steps and without step-based Trainer logging (logging_strategy="epoch").
 _FALLBACK_EVERY = 50
@@ -133,9 +134,11 @@ class GradGuardCallback(_CallbackBase):
     # ------------------------------------------------------------------ readouts
     @property
     def events(self) -> list[gg.Event]:
+        """The guard's Events so far, oldest first."""
         return list(self.guard.events)
 
     def report(self) -> str:
+        """The guard's plain-text diagnosis (``guard.report()``)."""
         return self.guard.report()
 
     def __repr__(self) -> str:

@@ -186,6 +186,7 @@ class WandbSink:
 
     # ------------------------------------------------------------------ Sink protocol
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """Log one logging step's metrics to the run at ``step`` (rank zero only)."""
         self._check_open()
         if not scalars or not is_rank_zero():
             return
@@ -212,6 +213,9 @@ class WandbSink:
         self._log(run, data)
 
     def log_event(self, event: Event) -> None:
+        """Send a W&B alert for an Event whose severity is in ``alert_on`` (rank zero only;
+        at most one per kind per ``alert_interval``, the next one says how many were held
+        back)."""
         self._check_open()
         if not self._alerts_on or event.severity not in self.alert_on:
             return

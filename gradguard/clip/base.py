@@ -166,9 +166,12 @@ class ClipStrategy(OwnedByOneGuard, ABC):
         or on the host when ``ctx.host`` is given and the strategy has a host path)."""
 
     def state_dict(self) -> dict[str, Any]:
+        """The strategy's running state (e.g. a threshold's moving statistics): tensors,
+        numbers and lists, part of ``guard.state_dict()``. The default keeps nothing."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (after ``check_state`` accepted it)."""
         del state
 
     def check_state(self, state: dict[str, Any]) -> None:

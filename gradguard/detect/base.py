@@ -110,6 +110,9 @@ class Detector(OwnedByOneGuard):
         return {}
 
     def state_dict(self) -> dict[str, Any]:
+        """What the detector has learnt so far (running means, windows, counters), as
+        plain values that ``torch.save`` stores and ``torch.load(weights_only=True)`` reads:
+        it becomes part of ``guard.state_dict()``. The default keeps nothing."""
         return {}
 
     def check_state(self, state: Mapping[str, Any]) -> None:
@@ -118,6 +121,8 @@ class Detector(OwnedByOneGuard):
         del state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (after ``check_state`` accepted it), so a
+        resumed run carries on where it stopped instead of warming up again."""
         del state
 
     def __repr__(self) -> str:
