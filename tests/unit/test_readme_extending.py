@@ -38,3 +38,13 @@ def test_the_readme_extension_example_runs_and_does_what_it_says() -> None:
     assert event.layers == ("0",) and "gradient norm under 1e-07" in event.message
     assert isinstance(guard.clip, namespace["HalveOverLimit"])  # type: ignore[arg-type]
     assert guard.clipped_steps > 0  # the norm (about 0.08) is over the limit of 0.05
+
+
+def test_the_docs_extension_snippets_run_and_check_themselves() -> None:
+    # Each snippet on the docs' "Extending gradguard" page asserts its own result.
+    snippets = sorted((README.parent / "docs" / "snippets" / "extending").glob("*.py"))
+    assert [p.name for p in snippets] == ["custom_clip.py", "custom_detector.py", "custom_sink.py"]
+    for path in snippets:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", gg.GradGuardWarning)
+            exec(compile(path.read_text(), str(path), "exec"), {"__name__": "__main__"})
