@@ -1,8 +1,9 @@
 """GradGuard: attach and detach, the adapter API, the state that survives a resume.
 
 The per-step flow itself lives in ``_step.py`` (device work before the optimizer step),
-``_publish.py`` (a logging step) and the detectors (host work on the step packet); this
-class wires them to an optimizer and keeps the counters, the Events and the sinks.
+``_hostside.py`` (each step's packet on the host: counters, detectors, logging steps),
+``_publish.py`` (a logging step's bulk copy) and the detectors; this class wires them to
+an optimizer and keeps the counters, the Events and the sinks.
 """
 
 from __future__ import annotations
@@ -25,23 +26,18 @@ from ._debounce import Finding
 from ._dist import distributed, is_rank_zero
 from ._errors import ConfigurationError, GradGuardError, GradGuardWarning, GradientAlarmError
 from ._hooks import register_step_hooks
+from ._hostside import GuardHostSide
 from ._keys import MetricKeys
 from ._layers import discover_layers
-from ._packet import HostMirror, PacketSpec
+from ._packet import HostMirror
 from ._policy import StepDecision
-from ._publish import PendingLog, collect, snapshot_params
+from ._publish import PendingLog, snapshot_params
 from ._readout import GuardReadout
 from ._sinks import Sink, SinkSet
 from ._state import StateSchema
 from ._stats import (
-    CLIP_COEF,
-    CLIPPED_STEPS,
-    NONFINITE_STEPS,
-    SKIPPED_STEPS,
     LoggedStats,
-    StepStats,
 )
-from ._step import SCALER_OVERFLOW, SKIP
 from ._wrappers import compile_wrapper, unwrap_model, unwrap_optimizer
 from .activations.monitor import compiled
 from .detect.base import Detector
@@ -56,7 +52,7 @@ log = logging.getLogger("gradguard")
 _watched_optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
 
-class GradGuard(GuardReadout):
+class GradGuard(GuardHostSide, GuardReadout):
     """Watches gradients (and sampled activations) around each optimizer step.
 
     Args:
@@ -408,59 +404,6 @@ class GradGuard(GuardReadout):
             )
         self._binding = rebuilt
         return rebuilt
-
-    # ------------------------------------------------------------------ the host side
-    def _on_packet(self, step: int, values: list[float], note: Any) -> None:
-        spec, host_skip, present, layers, host_values = note
-        assert isinstance(spec, PacketSpec)
-        total, layer_norms, extras = spec.unpack(values)
-        if host_values:
-            extras.update(host_values)
-        overflow = extras.get(SCALER_OVERFLOW, 0.0) > 0
-        nonfinite = not math.isfinite(total) and not overflow
-        skipped = host_skip if host_skip is not None else extras.get(SKIP, 0.0) > 0.5
-        self._skipped_steps += bool(skipped)
-        self._nonfinite_steps += nonfinite
-        coef = extras.get(CLIP_COEF)
-        self._clipped_steps += coef is not None and coef < 1.0
-        stats = StepStats(
-            step, layers, total, tuple(layer_norms), present, nonfinite, skipped, extras
-        )
-        triggers: list[str] = []
-        for detector in self._step_detectors:
-            for finding in detector.on_step(stats):
-                triggers.append(finding.kind)
-                self._announce(finding, step)
-        if self._ladder is not None:
-            self._ladder.observe(step, skipped=bool(skipped), triggers=triggers)
-
-    def _publish(self, binding: Binding, pending: PendingLog) -> None:
-        self._mirror.drain(block=True)
-        host: dict[str, float] = {
-            SKIPPED_STEPS: float(self._skipped_steps),
-            NONFINITE_STEPS: float(self._nonfinite_steps),
-        }
-        if self.config.clip is not None:
-            host[CLIPPED_STEPS] = float(self._clipped_steps)
-        if self._ladder is not None:
-            host.update(self._ladder.metrics())
-        detectors = self._all_detectors()
-        stats = collect(
-            pending, binding.layout, binding.computer, [d.metrics() for d in detectors], host
-        )
-        self._last_stats = stats
-        metrics = self._keys.flatten(stats)
-        self._last_scalars = dict(metrics)
-        if binding.rank_zero:
-            self.sinks.log_scalars(metrics, stats.sink_step)
-        for detector in detectors:
-            for finding in detector.on_log(stats):
-                self._announce(finding, pending.step)
-
-    def _announce(self, finding: Finding, step: int, *, warn: bool = True) -> None:
-        binding = self._binding
-        rank_zero = binding.rank_zero if binding is not None else is_rank_zero()
-        self._announcer.announce(finding, step, rank_zero=rank_zero, warn=warn)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
