@@ -18,8 +18,8 @@ from .._debounce import Finding
 from .._errors import ConfigurationError, check_number, check_positive_int
 from .._stats import LoggedStats, StepStats
 from ..report.causes import lr_too_high_text
+from .anatomy import anatomy
 from .base import Detector, GuardContext
-from .flow import _is_weight_layer
 
 __all__ = ["LearningRateDetector"]
 
@@ -120,17 +120,7 @@ class LearningRateDetector(Detector):
 
     def bind(self, context: GuardContext) -> None:
         super().bind(context)
-        layout = context.layout
-        owned: dict[str, list[tuple[str, int]]] = {}
-        for param, index, qualified in zip(layout.params, layout.param_layer, layout.param_names):
-            owned.setdefault(layout.names[index], []).append(
-                (qualified.rsplit(".", 1)[-1], param.ndim)
-            )
-        self._weight_layers = {
-            name
-            for name, params in owned.items()
-            if _is_weight_layer(layout.modules.get(name, context.model), params)
-        }
+        self._weight_layers = set(anatomy(context.layout, context.model)[0])
 
     # ------------------------------------------------------------------ evidence
     def on_step(self, stats: StepStats) -> list[Finding]:
