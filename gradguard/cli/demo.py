@@ -8,20 +8,18 @@ TensorBoard logs (and W&B runs with ``--wandb``) and prints the command that ope
 
 from __future__ import annotations
 
-import math
 import os
 import shlex
 import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from itertools import pairwise
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 import torch
 from torch import nn
@@ -30,6 +28,8 @@ from .._errors import GradGuardWarning, MissingDependencyError
 from .._guard import GradGuard
 from .._histograms import Histograms
 from .._sinks import MemorySink, Sink
+from .cases import CASES, Builder, DemoCase, Digits, load_digits_split
+from .progress import make_progress
 
 __all__ = [
     "CASES",
@@ -45,236 +45,6 @@ DEFAULT_STEPS = 600
 BATCH_SIZE = 64
 LOG_EVERY_N_STEPS = 10
 WIDTH = 78
-
-Digits = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-Builder = Callable[[int], tuple[nn.Module, torch.optim.Optimizer]]
-
-
-# ---------------------------------------------------------------------------- data
-def load_digits_split(test_fraction: float = 0.2) -> Digits:
-    """scikit-learn's bundled digits as (x_train, y_train, x_test, y_test), standardised.
-
-    The split is fixed (it does not depend on the demo's seed), so runs compare alike.
-    """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise MissingDependencyError("scikit-learn", "demo") from error
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(12345))
-    n_test = round(x.shape[0] * test_fraction)
-    test, train = order[:n_test], order[n_test:]
-    mean, std = x[train].mean(0), x[train].std(0) + 1e-6
-    x = (x - mean) / std
-    return x[train], y[train], x[test], y[test]
-
-
-# ---------------------------------------------------------------------------- models
-def _mlp(sizes: list[int], activation: Callable[[], nn.Module]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(pairwise(sizes)):
-        layers.append(nn.Linear(fan_in, fan_out))
-        if i < len(sizes) - 2:
-            layers.append(activation())
-    return nn.Sequential(*layers)
-
-
-def _linears(model: nn.Module) -> Iterator[nn.Linear]:
-    return (m for m in model.modules() if isinstance(m, nn.Linear))
-
-
-def _he_init(model: nn.Module) -> nn.Module:
-    """He (Kaiming) normal weights for ReLU layers, zero biases."""
-    with torch.no_grad():
-        for linear in _linears(model):
-            nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
-            nn.init.zeros_(linear.bias)
-    return model
-
-
-DEEP = [64] + [32] * 10 + [10]
-
-
-def vanishing_broken(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = _mlp(DEEP, nn.Sigmoid)
-    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-
-def vanishing_fixed(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = _he_init(_mlp(DEEP, nn.ReLU))
-    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-
-DEAD = [64, 128, 128, 128, 10]
-DEAD_BIAS = -1.5
-
-
-def dead_broken(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = _mlp(DEAD, nn.ReLU)
-    with torch.no_grad():
-        for linear in list(_linears(model))[:-1]:
-            nn.init.constant_(linear.bias, DEAD_BIAS)
-    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-
-def dead_fixed(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = _he_init(_mlp(DEAD, nn.ReLU))
-    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-
-EXPLODING = [64] + [64] * 8 + [10]
-EXPLODING_GAIN = 3.0
-
-
-def exploding_broken(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = _mlp(EXPLODING, nn.ReLU)
-    with torch.no_grad():
-        for linear in _linears(model):
-            # EXPLODING_GAIN times the He scale: every layer multiplies the signal (forward)
-            # and the gradient (backward) by about EXPLODING_GAIN.
-            nn.init.normal_(linear.weight, std=EXPLODING_GAIN * math.sqrt(2.0 / linear.in_features))
-    # Adam bounds each update, so the weights do not turn NaN at once: the model trains on,
-    # badly, with gradients 10^4 times their healthy size.
-    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
-
-
-def exploding_fixed(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = _he_init(_mlp(EXPLODING, nn.ReLU))
-    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
-
-
-@dataclass(frozen=True)
-class DemoCase:
-    """One problem: how to build the broken and the fixed model, and what differs."""
-
-    name: str
-    problem: str
-    broken: str
-    fixed: str
-    build_broken: Builder
-    build_fixed: Builder
-    fixed_guard_kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-CASES: dict[str, DemoCase] = {
-    "vanishing": DemoCase(
-        name="vanishing",
-        problem="vanishing gradients",
-        broken=(
-            "10 hidden layers of 32 sigmoid units, PyTorch's default init, "
-            "SGD(lr=0.01, momentum=0.9)"
-        ),
-        fixed="the same 10 hidden layers with ReLU and He (Kaiming) init, same optimizer",
-        build_broken=vanishing_broken,
-        build_fixed=vanishing_fixed,
-    ),
-    "dead": DemoCase(
-        name="dead",
-        problem="dead ReLU units",
-        broken=(
-            f"3 hidden ReLU layers of 128 units whose biases start at {DEAD_BIAS}, "
-            "SGD(lr=0.05, momentum=0.9)"
-        ),
-        fixed="the same layers with He init and zero biases, same optimizer",
-        build_broken=dead_broken,
-        build_fixed=dead_fixed,
-    ),
-    "exploding": DemoCase(
-        name="exploding",
-        problem="exploding gradients",
-        broken=(
-            f"8 hidden ReLU layers of 64 units initialised {EXPLODING_GAIN:g}x too large, "
-            "Adam(lr=1e-3)"
-        ),
-        fixed="the same layers with He init, same optimizer",
-        build_broken=exploding_broken,
-        build_fixed=exploding_fixed,
-    ),
-}
-
-
-# ---------------------------------------------------------------------------- progress
-class Progress(Protocol):
-    def update(self, loss: float | None) -> None: ...
-
-    def write(self, text: str) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class _NoProgress:
-    def __init__(self, out: TextIO) -> None:
-        self._out = out
-
-    def update(self, loss: float | None) -> None:
-        pass
-
-    def write(self, text: str) -> None:
-        print(text, file=self._out)
-
-    def close(self) -> None:
-        pass
-
-
-class _SimpleProgress:
-    """A one-line bar on stderr for when tqdm is not installed."""
-
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label, self.done = total, label, 0
-        self._last_drawn = -1
-
-    def update(self, loss: float | None) -> None:
-        self.done += 1
-        tick = self.done * 40 // self.total
-        if tick != self._last_drawn or self.done == self.total:
-            self._last_drawn = tick
-            bar = "#" * tick + "." * (40 - tick)
-            tail = f" loss {loss:.3f}" if loss is not None else ""
-            sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total}{tail}")
-            sys.stderr.flush()
-
-    def write(self, text: str) -> None:
-        sys.stderr.write("\r" + " " * 100 + "\r")
-        print(text, file=sys.stderr)
-
-    def close(self) -> None:
-        sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-class _TqdmProgress:
-    def __init__(self, total: int, label: str) -> None:
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=total, desc=label, unit="step", leave=True, dynamic_ncols=True)
-
-    def update(self, loss: float | None) -> None:
-        if loss is not None:
-            self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        self._bar.update(1)
-
-    def write(self, text: str) -> None:
-        self._bar.write(text, file=sys.stderr)
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-def make_progress(total: int, label: str, enabled: bool, out: TextIO) -> Progress:
-    if not enabled:
-        return _NoProgress(out)
-    try:
-        return _TqdmProgress(total, label)
-    except ImportError:
-        return _SimpleProgress(total, label)
 
 
 # ---------------------------------------------------------------------------- training
