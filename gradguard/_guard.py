@@ -35,9 +35,7 @@ from ._publish import PendingLog, snapshot_params
 from ._readout import GuardReadout
 from ._sinks import Sink, SinkSet
 from ._state import StateSchema
-from ._stats import (
-    LoggedStats,
-)
+from ._stats import LoggedStats, StepStats
 from ._wrappers import compile_wrapper, unwrap_model, unwrap_optimizer
 from .activations.monitor import compiled
 from .detect.base import Detector
@@ -109,8 +107,13 @@ class GradGuard(GuardHostSide, GuardReadout):
         if config.activations is not None:
             self._detectors.append(config.activations)
         # Detectors that look at every step (the base class's on_step finds nothing).
-        self._step_detectors = [
-            d for d in self._detectors if type(d).on_step is not Detector.on_step
+        looking = [d for d in self._detectors if type(d).on_step is not Detector.on_step]
+        self._step_detectors = [d for d in looking if not d.batched]
+        self._batched_detectors = [d for d in looking if d.batched]
+        self._batch: list[StepStats] = []
+        # ...and those that want to hear when a step ends (the others do nothing there).
+        self._step_end_detectors = [
+            d for d in self._detectors if type(d).on_step_end is not Detector.on_step_end
         ]
         self._step = 0
         self._skipped_steps = 0
@@ -128,7 +131,7 @@ class GradGuard(GuardHostSide, GuardReadout):
         self._last_blind_spots: list[str] = []
         self._loss: torch.Tensor | None = None
         self._loss_parts = 0
-        self._mirror = HostMirror(self._on_packet)
+        self._mirror = HostMirror(self._on_packet, self._flush_batched)
         recover = config.on_instability
         self._ladder = RecoveryLadder(recover) if recover is not None else None
 
@@ -381,7 +384,7 @@ class GradGuard(GuardHostSide, GuardReadout):
         if self._pending_log is not None:
             pending, self._pending_log = self._pending_log, None
             self._publish(binding, pending)
-        for detector in self._all_detectors():
+        for detector in self._step_end_detectors:
             detector.on_step_end(self._step)
 
     def _refresh(self, binding: Binding) -> Binding:

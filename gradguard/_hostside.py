@@ -1,7 +1,8 @@
 """The host half of a guard: step packets in, findings out, logging steps.
 
 Each step's packet reaches ``_on_packet`` (at most a step late, without a sync): the
-counters move and every detector's ``on_step`` sees the typed ``StepStats``. A logging step
+counters move and every detector's ``on_step`` sees the typed ``StepStats`` (``batched``
+detectors in batches of up to ``BATCH_STEPS`` steps, see ``detect/base.py``). A logging step
 goes through ``_publish`` (one bulk copy, the sinks, ``on_log``). Findings become Events in
 the ``Announcer``. The other parts: ``_guard.py`` (attach, the adapter API) and
 ``_readout.py`` (read-only views).
@@ -30,6 +31,7 @@ from ._stats import (
     StepStats,
 )
 from ._step import SCALER_OVERFLOW, SKIP
+from .detect.base import BATCH_STEPS
 
 if TYPE_CHECKING:
     from ._binding import Binding
@@ -50,6 +52,8 @@ class GuardHostSide:
     _keys: MetricKeys
     _ladder: RecoveryLadder | None
     _step_detectors: list[Detector]
+    _batched_detectors: list[Detector]
+    _batch: list[StepStats]
     _all_detectors: Callable[[], list[Detector]]
     _step: int
     _skipped_steps: int
@@ -79,8 +83,28 @@ class GuardHostSide:
             for finding in detector.on_step(stats):
                 triggers.append(finding.kind)
                 self._announce(finding, step)
+        if self._batched_detectors:
+            self._batch.append(stats)
+            # The recovery ladder acts on every step's findings: no batching under it.
+            limit = 1 if self._ladder is not None else BATCH_STEPS
+            if len(self._batch) >= limit or nonfinite or skipped:
+                triggers += self._flush_batched()
         if self._ladder is not None:
             self._ladder.observe(step, skipped=bool(skipped), triggers=triggers)
+
+    def _flush_batched(self) -> list[str]:
+        """Hand the waiting steps to the ``batched`` detectors, in order; the kinds found.
+
+        Also called after every blocking drain (a logging step, a state_dict, a report,
+        detach), so what they say is never older than what the guard shows."""
+        batch, self._batch = self._batch, []
+        kinds: list[str] = []
+        for stats in batch:
+            for detector in self._batched_detectors:
+                for finding in detector.on_step(stats):
+                    kinds.append(finding.kind)
+                    self._announce(finding, stats.step)
+        return kinds
 
     def _publish(self, binding: Binding, pending: PendingLog) -> None:
         self._mirror.drain(block=True)

@@ -56,8 +56,15 @@ class HostMirror:
     (e.g. a skip decided on the host); it travels beside the packet untouched.
     """
 
-    def __init__(self, on_ready: Callable[[int, list[float], Any], None]) -> None:
+    def __init__(
+        self,
+        on_ready: Callable[[int, list[float], Any], None],
+        on_settled: Callable[[], object] | None = None,
+    ) -> None:
+        """``on_ready`` gets each packet in step order; ``on_settled`` is called after a
+        blocking drain, once every packet so far was delivered."""
         self._on_ready = on_ready
+        self._on_settled = on_settled
         self._in_flight: deque[tuple[int, Any, torch.Tensor, Any]] = deque()
         self._free: list[torch.Tensor] = []
 
@@ -93,6 +100,8 @@ class HostMirror:
             values = buffer.tolist()
             self._free.append(buffer)
             self._on_ready(step, values, note)
+        if block and self._on_settled is not None:
+            self._on_settled()
 
     def clear(self) -> None:
         """Forget packets still in flight (after a rollback or a layout change)."""

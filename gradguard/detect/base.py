@@ -4,7 +4,10 @@ A detector watches typed statistics and returns ``Finding``s; the guard's ``Debo
 decides which findings become Events. Two moments to look:
 
 * ``on_step(stats)``: every optimizer step, with a ``StepStats`` read from the per-step
-  packet (at most one step late on an accelerator, so never a host sync);
+  packet (at most one step late on an accelerator, so never a host sync); a detector whose
+  evidence spans many steps (a trend, a growth over 100 steps) sets ``batched = True`` and
+  receives its steps in order, in batches of up to ``BATCH_STEPS``: Python run once per
+  step between the step's kernels is several times slower than the same code in a loop;
 * ``on_log(stats)``: every logging step, with the full ``LoggedStats``.
 
 A detector that needs device work of its own (the activation monitor's forward hooks)
@@ -46,7 +49,10 @@ from .._stats import LoggedStats, StepStats
 if TYPE_CHECKING:
     from ..clip.base import ClipStrategy
 
-__all__ = ["Detector", "GuardContext"]
+__all__ = ["BATCH_STEPS", "Detector", "GuardContext"]
+
+# The largest batch a ``batched`` detector receives at once.
+BATCH_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,10 @@ class Detector(OwnedByOneGuard):
     """
 
     kinds: ClassVar[tuple[str, ...]] = ()
+    # True: ``on_step`` may see each step up to BATCH_STEPS steps late, in a batch (every
+    # step, in order; at once on a NaN/Inf or skipped step, a logging step, a state_dict,
+    # a report and detach). For evidence that builds over many steps; cheaper per step.
+    batched: ClassVar[bool] = False
     context: GuardContext | None = None
     _role = "detector"
 

@@ -66,6 +66,7 @@ class LearningRateDetector(Detector):
     """
 
     kinds: ClassVar[tuple[str, ...]] = ("lr_too_high",)
+    batched: ClassVar[bool] = True  # its evidence spans many steps
 
     def __init__(
         self,

@@ -53,6 +53,7 @@ class ClippedElsewhereDetector(Detector):
     """
 
     kinds: ClassVar[tuple[str, ...]] = ("clipped_elsewhere",)
+    batched: ClassVar[bool] = True  # its evidence spans many steps
 
     def __init__(self, *, window: int = 64, min_pinned: int = 8, rtol: float = 1e-4) -> None:
         self.window = check_positive_int("window", window)

@@ -83,6 +83,7 @@ class StabilityScore(Detector):
     """
 
     kinds: ClassVar[tuple[str, ...]] = ()
+    batched: ClassVar[bool] = True  # its evidence spans many steps
 
     def __init__(self, *, window: int = 128, sigmas: float = 6.0, recent: int = 1000) -> None:
         self.window = check_positive_int("window", window)

@@ -12,8 +12,10 @@ pairwise slopes) measures how much the value rose; both must pass for an Event.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any, ClassVar
 
 import torch
@@ -32,25 +34,41 @@ def _sign(value: float) -> int:
     return (value > 0) - (value < 0)
 
 
+@lru_cache(maxsize=64)
+def _mk_std(n: int) -> float:
+    """The standard deviation of Mann-Kendall's ``S`` over ``n`` values with no trend."""
+    return math.sqrt(n * (n - 1) * (2 * n + 5) / 18.0)
+
+
 def _recent(series: MannKendall, count: int = 4) -> float:
     """The median of the last ``count`` values: the level now, robust to one outlier."""
     return median(sorted(list(series.values)[-count:]))
 
 
 class MannKendall:
-    """The Mann-Kendall ``S`` of the last ``size`` values, updated in O(size) per value."""
+    """The Mann-Kendall ``S`` of the last ``size`` values, updated in O(log size) per value.
+
+    ``S`` sums ``sign(x_j - x_i)`` over every pair ``i < j``. A new value ``v`` adds the
+    number of earlier values below it minus those above it; dropping the oldest value ``o``
+    removes the number of later values above it minus those below. Both counts come from a
+    sorted copy of the window by bisection (this runs on every step, on the host).
+    """
 
     def __init__(self, size: int) -> None:
         self.values: deque[float] = deque(maxlen=size)
+        self._sorted: list[float] = []
         self.s = 0
 
     def push(self, value: float) -> None:
-        # Signs inlined in list comprehensions: this runs on every step, on the host.
-        values = self.values
+        values, ordered = self.values, self._sorted
         if len(values) == values.maxlen:
             oldest = values.popleft()
-            self.s -= sum([(v > oldest) - (v < oldest) for v in values])
-        self.s += sum([(value > v) - (value < v) for v in values])
+            del ordered[bisect_left(ordered, oldest)]
+            above = len(ordered) - bisect_right(ordered, oldest)
+            self.s -= above - bisect_left(ordered, oldest)
+        above = len(ordered) - bisect_right(ordered, value)
+        self.s += bisect_left(ordered, value) - above
+        insort(ordered, value)
         values.append(value)
 
     @property
@@ -59,8 +77,7 @@ class MannKendall:
         n = len(self.values)
         if n < 3 or self.s == 0:
             return 0.0
-        std = math.sqrt(n * (n - 1) * (2 * n + 5) / 18.0)
-        return (self.s - _sign(self.s)) / std
+        return (self.s - _sign(self.s)) / _mk_std(n)
 
     def rise(self) -> float:
         """The Theil-Sen slope times ``n - 1``: how much the value rose over the window
@@ -75,6 +92,7 @@ class MannKendall:
 
     def load(self, values: list[float]) -> None:
         self.values.clear()
+        self._sorted.clear()
         self.s = 0
         for value in values:
             self.push(value)
@@ -100,6 +118,7 @@ class TrendDetector(Detector):
     """
 
     kinds: ClassVar[tuple[str, ...]] = ("divergence",)
+    batched: ClassVar[bool] = True  # its evidence spans many steps
 
     def __init__(
         self,
@@ -152,10 +171,11 @@ class TrendDetector(Detector):
         loss = stats.loss
         if loss is not None and math.isfinite(loss) and loss > 0:
             self._push(self._loss, self._loss_start, math.log(loss))
-        if math.isfinite(stats.total) and stats.total > 0:
-            self._push(self._norm, self._norm_start, math.log(stats.total))
-        self.last_loss_z = self._loss.zscore
-        self.last_norm_z = self._norm.zscore
+            self.last_loss_z = self._loss.zscore
+        total = stats.total
+        if math.isfinite(total) and total > 0:
+            self._push(self._norm, self._norm_start, math.log(total))
+            self.last_norm_z = self._norm.zscore
         loss_rise = norm_rise = 1.0
         if self._full(self._loss) and self.last_loss_z > self.zscore:
             loss_rise = math.exp(self._loss.rise())
