@@ -79,6 +79,7 @@ import torch
 from stability_metrics import (
     RunResult,
     render_kind_tables,
+    render_lr_table,
     render_runs,
     render_tables,
     runs_to_json,
@@ -450,6 +451,7 @@ def render_markdown(
             "",
             render_tables(results, labels, lrs),
             render_kind_tables(results, gg.EVENT_KINDS, lrs),
+            render_lr_table(results, lrs),
             "## Every run",
             "",
             render_runs(results),

@@ -23,6 +23,7 @@ __all__ = [
     "grad_jump_before",
     "loss_spikes",
     "render_kind_tables",
+    "render_lr_table",
     "render_runs",
     "render_tables",
     "runs_to_json",
@@ -329,6 +330,45 @@ def render_kind_tables(
             lines.append("| (no Event) | " + " | ".join("–" for _ in lrs) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def render_lr_table(results: Sequence[RunResult], lrs: Sequence[float]) -> str:
+    """``lr_too_high`` judged against the sweep itself: is a rate it flags worse than the
+    best rate? A run can be free of spikes and still learn worse at a rate 10x too high, so
+    the spike-based "healthy" above calls those Events false alarms; this table shows
+    whether a lower rate did better."""
+    observed = [r for r in results if r.observed]
+    medians = {
+        lr: statistics.median([r.final_val_loss for r in observed if r.lr == lr])
+        for lr in lrs
+        if any(r.lr == lr for r in observed)
+    }
+    if not medians:
+        return ""
+    best = min(medians.values())
+    flagged = [
+        f"{sum(r.first_event_of('lr_too_high') is not None for r in observed if r.lr == lr)}"
+        f"/{sum(r.lr == lr for r in observed)}"
+        for lr in medians
+    ]
+    header = "| | " + " | ".join(f"lr {lr:g}" for lr in medians) + " |"
+    return "\n".join(
+        [
+            "### Learning rate too high, judged against the sweep",
+            "",
+            "(runs with an `lr_too_high` Event / runs, and the rate's median final validation "
+            "loss minus the best rate's: a flag on a rate that learns worse than a lower one "
+            "is right, spikes or not)",
+            "",
+            header,
+            "|---|" + "---:|" * len(medians),
+            "| runs flagged | " + " | ".join(flagged) + " |",
+            "| final validation loss vs the best rate | "
+            + " | ".join(f"{medians[lr] - best:+.2f}" for lr in medians)
+            + " |",
+            "",
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------- rendering
