@@ -51,6 +51,7 @@ class _Episode:
     last_announced: int
     folded: int = 0
     layers: set[str] = field(default_factory=set)
+    last_shown: int = -1  # the shown step of the last sighting (-1: that of ``start``)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +60,7 @@ class _Episode:
             "last_announced": self.last_announced,
             "folded": self.folded,
             "layers": sorted(self.layers),
+            "last_shown": self.last_shown,
         }
 
 
@@ -86,9 +88,10 @@ class Debouncer:
             or step < episode.last_seen  # the step count went back: a new run
         )
         if fresh or episode is None:
-            self._episodes[kind] = _Episode(shown, step, step, 0, set(finding.layers))
+            self._episodes[kind] = _Episode(shown, step, step, 0, set(finding.layers), shown)
             return self._event(finding, shown, occurrences=1, reminder=False, start=shown)
         episode.last_seen = step
+        episode.last_shown = shown
         joined = finding.track_layers and not set(finding.layers) <= episode.layers
         episode.layers.update(finding.layers)
         if not joined and step - episode.last_announced < finding.remind_every:
@@ -122,13 +125,22 @@ class Debouncer:
             details=details,
         )
 
-    def active(self, step: int) -> dict[str, int]:
-        """Episodes still open at guard step ``step``: kind -> the step first announced."""
+    def active(self, step: int, within: int | None = None) -> dict[str, int]:
+        """Episodes still open at guard step ``step``: kind -> the step first announced.
+
+        ``within``: and seen in the last ``within`` steps too (an episode stays open for
+        ``max_gap`` steps so that an intermittent condition folds into it, but a NaN 30
+        steps ago is not "still present")."""
         return {
             kind: episode.start
             for kind, episode in self._episodes.items()
-            if step - episode.last_seen <= self._max_gap.get(kind, 0)
+            if step - episode.last_seen
+            <= min(self._max_gap.get(kind, 0), within if within is not None else 1 << 62)
         }
+
+    def last_shown(self) -> dict[str, int]:
+        """The step (as shown to the user) each kind was last seen at, folded sightings too."""
+        return {kind: episode.last_shown for kind, episode in self._episodes.items()}
 
     def seen(self) -> dict[str, int]:
         """How many findings of each kind were seen (announced or folded)."""
@@ -150,6 +162,7 @@ class Debouncer:
                 last_announced=int(data["last_announced"]),
                 folded=int(data.get("folded", 0)),
                 layers={str(name) for name in data.get("layers", [])},
+                last_shown=int(data.get("last_shown", data["start"])),
             )
         max_gap = {str(k): int(v) for k, v in state.get("max_gap", {}).items()}
         seen = {str(k): int(v) for k, v in state.get("seen", {}).items()}

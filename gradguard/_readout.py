@@ -154,9 +154,17 @@ class GuardReadout:
         return self._last_stats
 
     def active_conditions(self) -> dict[str, int]:
-        """Conditions still present: Event kind -> the step it was first reported."""
+        """Conditions still present (seen within the last ``log_every_n_steps`` steps, the
+        interval at which most are checked): Event kind -> the step it was first reported."""
         self._mirror.drain(block=True)
-        return self._announcer.debouncer.active(self._step - 1)
+        return self._announcer.debouncer.active(
+            self._step - 1, within=self.config.log_every_n_steps
+        )
+
+    def last_seen(self) -> dict[str, int]:
+        """The step each Event kind's condition was last seen at (reported or folded)."""
+        self._mirror.drain(block=True)
+        return self._announcer.debouncer.last_shown()
 
     def occurrences(self) -> dict[str, int]:
         """How often each Event kind's condition was seen (reported or folded)."""

@@ -56,6 +56,7 @@ def build_summary(guard: GuardReadout) -> dict[str, Any]:
     detector = _flow_detector(guard)
     active = guard.active_conditions()
     occurrences = guard.occurrences()
+    sightings = guard.last_seen()
 
     groups: list[dict[str, Any]] = []
     for kind in sorted(counts, key=kind_rank):
@@ -73,6 +74,7 @@ def build_summary(guard: GuardReadout) -> dict[str, Any]:
                 "severity": "error" if any(e.severity == "error" for e in of_kind) else "warning",
                 "first_step": of_kind[0].step,
                 "last_step": latest.step,
+                "last_seen": max(sightings.get(kind, latest.step), latest.step),
                 "layers": layers,
                 "message": latest.message,
                 "advice": latest.advice,

@@ -30,7 +30,7 @@ def _headline(summary: dict[str, Any]) -> str:
         return f"Verdict: HEALTHY - no problem found in {steps} optimizer steps."
     parts = []
     for group in groups:
-        when = "still present" if group["active"] else f"last seen at step {group['last_step']}"
+        when = "still present" if group["active"] else f"last seen at step {group['last_seen']}"
         parts.append(f"{group['label']} ({group['occurrences']}x, {when})")
     word = "UNHEALTHY" if summary["verdict"] == "error" else "NEEDS ATTENTION"
     return f"Verdict: {word} - " + "; ".join(parts) + "."
