@@ -108,13 +108,15 @@ def _guard(
     """Each setup gets fresh strategy objects (a strategy serves one guard)."""
 
     def setup(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[None, Any]:
+        # A callable option (detectors=lambda: [...]) is made anew for every guard too.
+        fresh = {k: v() if callable(v) else v for k, v in kwargs.items()}
         guard = gg.attach(
             model,
             optimizer,
             clip=make_clip(),
             activations=gg.ActivationMonitor(every_n_steps=NEVER),
             log_every_n_steps=NEVER,
-            **kwargs,
+            **fresh,
         )
         return None, guard.detach
 
@@ -129,6 +131,12 @@ def configs() -> list[Config]:
             "clip_grad_norm_", "`torch.nn.utils.clip_grad_norm_(1.0)` (reference)", _clip_grad_norm
         ),
         Config("gradguard", "`gg.attach(model, opt)` defaults", _guard()),
+        Config(
+            "gradguard-lean",
+            "`detectors=[gg.GradientFlowDetector()]` (defaults without the host detectors "
+            "that read every step)",
+            _guard(detectors=lambda: [gg.GradientFlowDetector()]),
+        ),
         Config("normclip", "`clip=gg.NormClip(1.0)`", _guard(lambda: gg.NormClip(1.0))),
         Config("autoclip", "`clip=gg.AutoClip()`", _guard(lambda: gg.AutoClip())),
         Config("zclip", "`clip=gg.ZClip()`", _guard(lambda: gg.ZClip())),
