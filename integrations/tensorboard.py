@@ -67,11 +67,18 @@ from gradguard._stats import (
     CLIPPED_STEPS,
     DEAD_FRACTION,
     GRAD_NORM,
+    LOSS_ZSCORE,
     NONFINITE_STEPS,
     PARAM_NORM,
+    RECOVERY_LR_FACTOR,
+    RECOVERY_ROLLBACKS,
     SATURATION,
     SKIPPED_STEPS,
+    SPIKE_SCORE,
+    SPIKE_SCORE_TOTAL,
     SPIKE_ZSCORE,
+    TREND_LOSS,
+    TREND_NORM,
     UPDATE_RATIO,
 )
 
@@ -105,9 +112,10 @@ def custom_scalars_layout(
 
     ``log10_norms``: chart the sink's ``grad_norm_log10/<layer>`` series (before the
     linear per-layer chart). ``keys``: the first logging step's keys. Charts of metrics
-    that are there from the first step or never (clip, spike z-score, update ratio) are
-    left out when absent, so the panel shows no empty charts; the activation charts (dead
-    units, saturation) stay, as their first values arrive a few steps later.
+    that are there from the first step or never (clip, spike z-score, update ratio, the
+    loss's z-score when the loss is handed over, the recovery ladder) are left out when
+    absent, so the panel shows no empty charts; the activation charts (dead units,
+    saturation) stay, as their first values arrive a few steps later.
     """
     metric_keys = MetricKeys(prefix)
     present = None if keys is None else set(keys)
@@ -156,6 +164,22 @@ def custom_scalars_layout(
         charts["clipped steps (count)"] = ["Multiline", [exact(CLIPPED_STEPS)]]
     if logged(SPIKE_ZSCORE):
         charts["gradient-norm spike z-score"] = ["Multiline", [exact(SPIKE_ZSCORE)]]
+    if logged(LOSS_ZSCORE):
+        # The loss is handed over: its charts (the trends and the score fill in once their
+        # windows are full, 24 and 128 steps in).
+        charts["loss spike z-score and trends (Mann-Kendall z, rising > 0)"] = [
+            "Multiline",
+            [exact(LOSS_ZSCORE), exact(TREND_LOSS), exact(TREND_NORM)],
+        ]
+        charts["spike score (OLMo 2): recent and whole run"] = [
+            "Multiline",
+            [exact(SPIKE_SCORE), exact(SPIKE_SCORE_TOTAL)],
+        ]
+    if logged(RECOVERY_LR_FACTOR):
+        charts["recovery ladder: LR factor and rollbacks"] = [
+            "Multiline",
+            [exact(RECOVERY_LR_FACTOR), exact(RECOVERY_ROLLBACKS)],
+        ]
     return {prefix: charts}
 
 

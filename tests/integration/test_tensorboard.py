@@ -364,3 +364,45 @@ def test_a_failing_figure_keeps_the_scalars(
     assert len(caught) == 1 and "without figures" in str(caught[0].message)
     acc = _accumulator(tmp_path)
     assert [e.step for e in acc.Scalars("gradguard/grad_norm_total")] == [0, 1, 2]
+
+
+def test_the_layout_charts_the_loss_detectors_and_the_recovery_ladder(tmp_path: Path) -> None:
+    # A loop that hands the loss over, with the recovery ladder on: their series get charts,
+    # and every series a chart names is one the run really wrote.
+    torch.manual_seed(0)
+    model = mlp([16, 32, 32, 4])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = separable_data()
+    sink = TensorBoardSink(str(tmp_path), log10_norms=False)
+    with gg.attach(model, optimizer, sinks=[sink], log_every_n_steps=10, warn=False,
+                   on_instability=gg.Recover()) as guard:  # fmt: skip
+        for step in range(140):
+            idx = torch.arange(step * 32, step * 32 + 32) % x.shape[0]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            guard.observe_loss(loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    acc = _accumulator(tmp_path)
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors(LAYOUT_TAG)[0].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
+    scalar_tags = set(acc.Tags()["scalars"])
+
+    def matched(chart_words: str) -> set[str]:
+        (title,) = [t for t in charts if t.startswith(chart_words)]
+        return {tag for tag in scalar_tags if any(re.search(rx, tag) for rx in charts[title])}
+
+    assert matched("loss spike z-score and trends") == {
+        "gradguard/stability/loss_zscore",
+        "gradguard/stability/loss_trend",
+        "gradguard/stability/grad_norm_trend",
+    }
+    assert matched("spike score") == {
+        "gradguard/stability/spike_score",
+        "gradguard/stability/spike_score_total",
+    }
+    assert matched("recovery ladder") == {
+        "gradguard/recovery/lr_factor",
+        "gradguard/recovery/rollbacks",
+    }
