@@ -125,17 +125,18 @@ class Debouncer:
             details=details,
         )
 
-    def active(self, step: int, within: int | None = None) -> dict[str, int]:
+    def active(self, step: int, within: Mapping[str, int] | None = None) -> dict[str, int]:
         """Episodes still open at guard step ``step``: kind -> the step first announced.
 
-        ``within``: and seen in the last ``within`` steps too (an episode stays open for
-        ``max_gap`` steps so that an intermittent condition folds into it, but a NaN 30
-        steps ago is not "still present")."""
+        ``within``: kind -> how recently it must have been seen too (an episode stays open
+        for ``max_gap`` steps so that an intermittent condition folds into it, but a NaN 30
+        steps ago is not "still present"); kinds not in it: ``max_gap`` alone."""
+        limits = within or {}
         return {
             kind: episode.start
             for kind, episode in self._episodes.items()
             if step - episode.last_seen
-            <= min(self._max_gap.get(kind, 0), within if within is not None else 1 << 62)
+            <= min(self._max_gap.get(kind, 0), limits.get(kind, 1 << 62))
         }
 
     def last_shown(self) -> dict[str, int]:

@@ -32,6 +32,9 @@ from ._layers import LayerLayout, merge_depth_order
 
 __all__ = ["DepthRecorder"]
 
+# The force_eager stance a recorder set and has not taken back yet (at most one at a time).
+_entered: Any = None
+
 
 class DepthRecorder:
     """Watches the first forward pass; ``finish()`` hands back the order seen."""
@@ -52,9 +55,15 @@ class DepthRecorder:
             self._handles.append(eager_through.register_forward_hook(self._done, always_call=True))
 
     def _go_eager(self, module: nn.Module, args: Any) -> None:
+        global _entered
         if self._stance is None:
+            if _entered is not None:
+                # A stance another recorder set and never took back (its first pass was
+                # interrupted by Ctrl-C and its guard abandoned): put the original back first,
+                # or this one would save "force_eager" as the stance to return to.
+                _entered.__exit__(None, None, None)
             # set_stance takes effect when made; its __exit__ puts the previous one back.
-            self._stance = torch.compiler.set_stance("force_eager")
+            self._stance = _entered = torch.compiler.set_stance("force_eager")
 
     def _pre_hook(self, name: str) -> Callable[[nn.Module, Any], None]:
         def pre_hook(module: nn.Module, args: Any) -> None:
@@ -64,8 +73,17 @@ class DepthRecorder:
         return pre_hook
 
     def _done(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._leave_eager()  # the eager call is over, whatever it saw (or if it raised)
         if self._seen:
             self.remove()  # one whole pass seen: nothing more to learn
+
+    def _leave_eager(self) -> None:
+        global _entered
+        stance, self._stance = self._stance, None
+        if stance is not None:
+            stance.__exit__(None, None, None)
+            if _entered is stance:
+                _entered = None
 
     def finish(self, layout: LayerLayout) -> list[str] | None:
         """The depth order learnt so far (None if no forward was seen: keep watching)."""
@@ -79,6 +97,4 @@ class DepthRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        stance, self._stance = self._stance, None
-        if stance is not None:
-            stance.__exit__(None, None, None)
+        self._leave_eager()

@@ -105,7 +105,7 @@ class Histograms(Detector):
         self.log10_range = (low, high)
         check_choice("log", log, ("gradients", "parameters", "all"))
         self.log: HistogramLog = log
-        self._next_step = 0
+        self._logs = 0  # logging steps seen
         self._selection: tuple[tuple[str, ...], list[int]] | None = None
 
     # ------------------------------------------------------------------ Detector hooks
@@ -113,22 +113,17 @@ class Histograms(Detector):
         super().bind(context)
         self._selection = None
 
-    def on_step_end(self, next_step: int) -> None:
-        self._next_step = next_step
-
-    def due(self, step: int) -> bool:
-        """Whether the logging step ``step`` gets histograms."""
-        context = self.context
-        if context is None or step % context.log_every_n_steps:
-            return False
-        return (step // context.log_every_n_steps) % self.every_n_logs == 0
+    def _due(self) -> bool:
+        """Whether this logging step gets histograms: the 1st, then every ``every_n_logs``-th
+        (counted, so that an adapter choosing its own logging steps gets them too)."""
+        self._logs += 1
+        return (self._logs - 1) % self.every_n_logs == 0
 
     @torch.no_grad()
     def metrics(self) -> Mapping[str, float | torch.Tensor]:
-        # Called on a logging step, after the optimizer step; the guard's last
-        # on_step_end named the step being logged.
+        # Called on every logging step (and only then), after the optimizer step.
         context = self.context
-        if context is None or not is_rank_zero() or not self.due(self._next_step):
+        if context is None or not self._due() or not is_rank_zero():
             return {}
         layout = context.layout
         selected = self.selected(layout)

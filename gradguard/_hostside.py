@@ -78,13 +78,16 @@ class GuardHostSide:
         stats = StepStats(
             step, layers, total, tuple(layer_norms), present, nonfinite, skipped, extras
         )
+        if self._batched_detectors:
+            # Queued before anything else runs: a sink that reads the report from inside
+            # an announcement (a blocking drain) must not hand a later step over first.
+            self._batch.append(stats)
         triggers: list[str] = []
         for detector in self._step_detectors:
             for finding in detector.on_step(stats):
                 triggers.append(finding.kind)
                 self._announce(finding, step)
-        if self._batched_detectors:
-            self._batch.append(stats)
+        if self._batch:
             # The recovery ladder acts on every step's findings: no batching under it.
             limit = 1 if self._ladder is not None else BATCH_STEPS
             if len(self._batch) >= limit or nonfinite or skipped:

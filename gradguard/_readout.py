@@ -9,6 +9,7 @@ step path).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._announce import Announcer
@@ -45,6 +46,7 @@ class GuardReadout:
     _last_blind_spots: list[str]
     _last_scalars: dict[str, float]
     _last_stats: LoggedStats | None
+    _flush_batched: Callable[[], list[str]]
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -93,7 +95,9 @@ class GuardReadout:
     # ------------------------------------------------------------------ what it watches
     @property
     def events(self) -> deque[Event]:
-        """Every Event so far, oldest first (the last 10,000)."""
+        """Every Event so far, oldest first (the last 10,000). Steps waiting for the
+        ``batched`` detectors are handed over first (host work only, no sync)."""
+        self._flush_batched()
         return self._announcer.events
 
     @property
@@ -154,12 +158,21 @@ class GuardReadout:
         return self._last_stats
 
     def active_conditions(self) -> dict[str, int]:
-        """Conditions still present (seen within the last ``log_every_n_steps`` steps, the
-        interval at which most are checked): Event kind -> the step it was first reported."""
+        """Conditions still present (seen at the detector's latest check: within
+        ``log_every_n_steps`` steps, or the activation monitor's ``every_n_steps`` for what
+        it reports): Event kind -> the step it was first reported."""
         self._mirror.drain(block=True)
-        return self._announcer.debouncer.active(
-            self._step - 1, within=self.config.log_every_n_steps
-        )
+        every = self.config.log_every_n_steps
+        within = {kind: every for kind in self._announcer.debouncer.seen()}
+        monitor = self.config.activations
+        if monitor is not None:
+            # A window of passes starts every every_n_steps and reports when it ends.
+            cadence = int(getattr(monitor, "every_n_steps", every)) + int(
+                getattr(monitor, "window", 0)
+            )
+            interval = max(every, cadence)
+            within.update({kind: interval for kind in monitor.kinds})
+        return self._announcer.debouncer.active(self._step - 1, within=within)
 
     def last_seen(self) -> dict[str, int]:
         """The step each Event kind's condition was last seen at (reported or folded)."""

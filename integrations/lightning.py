@@ -245,6 +245,10 @@ class GradGuardCallback(_CallbackBase):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
         # Every micro-batch's loss: the loss-aware detectors see the optimizer step's mean.
+        # Under automatic optimisation Lightning has already divided it by
+        # accumulate_grad_batches: undo that, so messages quote the loss the user logs.
+        if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+            loss = loss.detach() * trainer.accumulate_grad_batches
         for watch in self._watches:
             watch.guard.observe_loss(loss)
 

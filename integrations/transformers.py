@@ -210,12 +210,19 @@ class GradGuardCallback(_CallbackBase):
             publish = publish or trainer_logs_after(args, state)
         # The Trainer logs after other steps than gradguard would (global_step N, 2N:
         # gradguard's N-1, 2N-1): say which ones; the first step is always published.
-        decision = guard.before_step(
-            found_inf=found_inf,
-            sink_step=state.global_step + 1,
-            apply_skip=found_inf is None,
-            log=publish or guard.step == 0,
-        )
+        try:
+            decision = guard.before_step(
+                found_inf=found_inf,
+                sink_step=state.global_step + 1,
+                apply_skip=found_inf is None,
+                log=publish or guard.step == 0,
+            )
+        except BaseException:
+            # The Trainer has no exception event: on_step_end and on_train_end will not run.
+            # Put the user's max_grad_norm back and take every hook off before it propagates.
+            self._restore_args()
+            self._detach()
+            raise
         # Under a GradScaler the scaler owns optimizer.found_inf: skip by dropping the
         # gradients instead (one flag read, the cost of a skip on any non-fused optimizer).
         flag = decision.skip_flag
@@ -278,9 +285,15 @@ class GradGuardCallback(_CallbackBase):
             # Observing only: gradguard stands in for the Trainer's clip, if there is one.
             wanted = gg.NormClip(trainer_clip) if trainer_clip > 0 else None
             if not _same_clip(self.guard.clip, wanted):
-                self.guard.detach()
+                old = self.guard
+                old.detach()
                 options = {**self._options, "clip": wanted}
-                self.guard = _new_guard(options, self.guard.log_every_n_steps)
+                self.guard = _new_guard(options, old.log_every_n_steps)
+                # Sinks added to the old guard (guard.add_sink) go along; read
+                # callback.guard after building the Trainer, as it may be a new object.
+                for sink in old.sinks.sinks:
+                    if sink is not self._logs and sink not in self.guard.sinks.sinks:
+                        self.guard.add_sink(sink)
         if trainer_clip == 0.0 or not announce:
             return
         if self._user_clip is not None:

@@ -62,7 +62,7 @@ class AGC(ClipStrategy):
                 )
         self.exclude: tuple[str, ...] = names  # type: ignore[assignment]
         self._skip: set[int] = set()
-        self._plans: dict[tuple[int, ...], _Plan] = {}
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
 
     def _config(self) -> dict[str, Any]:
         return {"clipping": self.clipping, "eps": self.eps, "exclude": self.exclude}
@@ -138,9 +138,12 @@ class AGC(ClipStrategy):
         assert layout is not None
         params = layout.params
         all_grads = [p.grad for p in params]
-        # Which parameters go in which bucket depends only on which have a (sparse) gradient:
-        # worked out once per pattern, not per parameter on every step.
-        key = tuple(0 if g is None else 2 if g.is_sparse else 1 for g in all_grads)
+        # Which parameters go in which bucket depends only on which have a gradient, and its
+        # kind, dtype and shape: worked out once per pattern, not per parameter every step.
+        key = tuple(
+            None if g is None else (g.is_sparse, g.dtype, g.shape)  # torch.Size: hashable
+            for g in all_grads
+        )
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= 16:  # patterns that keep changing: keep memory bounded

@@ -222,9 +222,10 @@ class RecoveryLadder:
             try:
                 self.snapshot.restore(model, optimizer, clip)
             except (RuntimeError, ValueError, KeyError) as error:
-                # The optimizer's param groups changed since the snapshot: it no longer fits.
+                # The model or the optimizer changed since the snapshot (checked before
+                # anything was restored), or restoring failed: it no longer fits.
                 self.snapshot = None
-                why = f"the snapshot no longer fits the optimizer ({error})"
+                why = f"the snapshot no longer fits the model and optimizer ({error})"
         if why:
             self._exhausted = True
             self._start_ramp(step, options.lr_factor ** (self._rollbacks_in_incident + 1))

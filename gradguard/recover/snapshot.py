@@ -114,15 +114,42 @@ class Snapshot:
         """Put the state back in place. Parameters keep their identity (copied into); the
         optimizer's hyperparameters (``lr`` as your scheduler set it, ...) stay as they
         are now: only its per-parameter state goes back."""
+        self.check_fits(model, optimizer)  # before anything changes: all or nothing
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        model.load_state_dict(self.model)
+        # The optimizer first (its load can still fail, e.g. out of memory, while the model
+        # is untouched), the model last (its keys and shapes are checked: it cannot fail).
         # optimizer.load_state_dict keeps CPU tensors as they are: hand it copies, so the
         # next step cannot write into the snapshot (a second rollback reuses it).
         optimizer.load_state_dict(_clone(self.optimizer))
+        model.load_state_dict(self.model)
         for group, saved in zip(optimizer.param_groups, hyper):
             group.update(saved)
         if clip is not None and self.clip is not None:
             clip.load_state_dict(_clone(self.clip))
+
+    def check_fits(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Raise ``ValueError`` (naming what differs) unless the snapshot fits the model and
+        the optimizer as they are now: the same state keys and shapes, the same param groups
+        holding the same numbers of parameters."""
+        current = model.state_dict()
+        if set(current) != set(self.model):
+            added = sorted(set(current) - set(self.model))[:3]
+            gone = sorted(set(self.model) - set(current))[:3]
+            raise ValueError(f"the model's state keys changed (new: {added}, gone: {gone})")
+        for key, value in current.items():
+            saved = self.model[key]
+            tensors = isinstance(value, torch.Tensor) and isinstance(saved, torch.Tensor)
+            if tensors and value.shape != saved.shape:
+                raise ValueError(
+                    f"{key} is {tuple(value.shape)} now, {tuple(saved.shape)} in the snapshot"
+                )
+        groups = [len(g["params"]) for g in optimizer.param_groups]
+        saved_groups = [len(g["params"]) for g in self.optimizer.get("param_groups", [])]
+        if groups != saved_groups:
+            raise ValueError(
+                f"the optimizer's param groups hold {groups} parameters now, {saved_groups} in "
+                "the snapshot"
+            )
 
 
 class LrScale:
@@ -130,7 +157,8 @@ class LrScale:
     objects that were there (a float, or a tensor your scheduler updates in place)."""
 
     def __init__(self) -> None:
-        self._saved: tuple[torch.optim.Optimizer, list[Any]] | None = None
+        # The optimizer, the objects that were there, and the scaled ones put in their place.
+        self._saved: tuple[torch.optim.Optimizer, list[Any], list[Any]] | None = None
 
     @property
     def active(self) -> bool:
@@ -141,17 +169,21 @@ class LrScale:
         if factor == 1.0:
             return
         saved = [group["lr"] for group in optimizer.param_groups]
-        self._saved = (optimizer, saved)
-        for group, lr in zip(optimizer.param_groups, saved):
-            # A tensor lr (fused/capturable optimizers) gets a new tensor on its device:
-            # the original, which a scheduler may fill in place, is untouched.
-            group["lr"] = lr * factor
+        # A tensor lr (fused/capturable optimizers) gets a new tensor on its device: the
+        # original, which a scheduler may fill in place, is untouched.
+        scaled = [lr * factor for lr in saved]
+        self._saved = (optimizer, saved, scaled)
+        for group, lr in zip(optimizer.param_groups, scaled):
+            group["lr"] = lr
 
     def restore(self) -> None:
         """Undo ``apply`` (idempotent): after the step, on detach, after a failed step."""
         if self._saved is None:
             return
-        optimizer, saved = self._saved
+        optimizer, saved, scaled = self._saved
         self._saved = None
-        for group, lr in zip(optimizer.param_groups, saved):
-            group["lr"] = lr
+        for group, lr, ours in zip(optimizer.param_groups, saved, scaled):
+            # Only where our scaled value is still in place: after a step that raised, a
+            # scheduler (or a checkpoint load) may have set a new lr meanwhile; it stays.
+            if group["lr"] is ours:
+                group["lr"] = lr
