@@ -38,16 +38,20 @@ class Announcer:
         self.debouncer = Debouncer()
         self._warnings = RateLimiter(config.repeat_every)
         self._shown: dict[int, int] = {}
+        self._offset = 0
 
     def map_step(self, step: int, shown: int | None) -> int:
         """Remember which step the user sees for guard step ``step``; return it."""
         value = step if shown is None else int(shown)
         self._shown[step] = value
         self._shown.pop(step - _STEP_MAP_SIZE, None)
+        self._offset = value - step
         return value
 
     def shown(self, step: int) -> int:
-        return self._shown.get(step, step)
+        """The step the user sees for guard step ``step`` (for one older than the steps
+        remembered, the latest offset between the two: adapters keep it constant)."""
+        return self._shown.get(step, step + self._offset)
 
     def announce(
         self, finding: Finding, step: int, *, rank_zero: bool, warn: bool = True

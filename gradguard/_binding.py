@@ -9,7 +9,7 @@ rebuild it, every part carrying its state over.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +70,7 @@ class Binding:
         *,
         compiled: bool,
         eager_through: nn.Module | None = None,
+        shown_step: Callable[[int], int] | None = None,
     ) -> Binding:
         """Bind the clip and every detector to ``layout``."""
         computer = GradNormComputer(layout, model)
@@ -91,6 +92,7 @@ class Binding:
             on_spike=config.on_spike,
             clip=config.clip,
             compiled=compiled,
+            shown_step=shown_step if shown_step is not None else _same_step,
         )
         if config.clip is not None:
             # First: a strategy may reject the layout (AGC's exclude).
@@ -166,7 +168,13 @@ class Binding:
         layout.depth_known = self.layout.depth_known
         self.release(detectors, hooks=False)
         fresh = Binding.create(
-            config, detectors, self.model, self.optimizer, layout, compiled=compiled
+            config,
+            detectors,
+            self.model,
+            self.optimizer,
+            layout,
+            compiled=compiled,
+            shown_step=self.context.shown_step,
         )
         fresh.handles = self.handles
         return fresh
@@ -204,3 +212,7 @@ class Binding:
                 "call torch.__future__.set_swap_module_params_on_conversion(True) before it."
             )
         self.on_meta = False
+
+
+def _same_step(step: int) -> int:
+    return step

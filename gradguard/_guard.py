@@ -134,6 +134,8 @@ class GradGuard(GuardHostSide, GuardReadout):
         self._mirror = HostMirror(self._on_packet, self._flush_batched)
         recover = config.on_instability
         self._ladder = RecoveryLadder(recover) if recover is not None else None
+        if self._ladder is not None:
+            self._ladder.shown_step = self._announcer.shown
 
     def _all_detectors(self) -> list[Detector]:
         """Every detector the guard runs, built-in ones first (fixed at construction)."""
@@ -191,6 +193,7 @@ class GradGuard(GuardHostSide, GuardReadout):
                 layout,
                 compiled=self._compiled,
                 eager_through=eager_through,
+                shown_step=self._announcer.shown,
             )
             _watched_optimizers.add(optimizer)
             if self._ladder is not None:

@@ -34,8 +34,8 @@ step's single bulk copy. To write your own::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -69,6 +69,9 @@ class GuardContext:
     on_spike: str
     clip: ClipStrategy | None
     compiled: bool = False
+    # Guard step -> the step the user sees (the sinks' step, e.g. the Trainer's global
+    # step): for steps quoted in messages.
+    shown_step: Callable[[int], int] = field(default=lambda step: step)
 
     @property
     def clipping(self) -> str | None:

@@ -107,6 +107,7 @@ class NonfiniteForensics(Detector):
     def _finding(self, trigger: int, traced: int, result: TraceResult) -> Finding:
         context = self.context
         assert context is not None
+        trigger, traced = context.shown_step(trigger), context.shown_step(traced)
         message, advice = nonfinite_source_text(
             result.kind,
             trigger,

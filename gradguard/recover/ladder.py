@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,7 @@ class RecoveryLadder:
 
     def __init__(self, options: Recover) -> None:
         self.options = options
+        self.shown_step: Callable[[int], int] = lambda step: step  # set by the guard
         self.lr = LrScale()
         self.use_loss = options.loss_triggers
         self.snapshot: Snapshot | None = None
@@ -252,7 +253,7 @@ class RecoveryLadder:
     ) -> Finding:
         options = self.options
         factor = self._lr_low if self._lr_since == step else self._lr_factor(step)
-        snapshot_step = self.snapshot.step if self.snapshot is not None else -1
+        snapshot_step = self.shown_step(self.snapshot.step) if self.snapshot is not None else -1
         message, advice = recovery_text(
             action,
             step=step,
