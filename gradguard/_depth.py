@@ -85,6 +85,11 @@ class DepthRecorder:
             if _entered is stance:
                 _entered = None
 
+    @property
+    def seen_any(self) -> bool:
+        """Whether a watched layer has run since attach (a host flag: no sync)."""
+        return bool(self._seen)
+
     def finish(self, layout: LayerLayout) -> list[str] | None:
         """The depth order learnt so far (None if no forward was seen: keep watching)."""
         if not self._seen:

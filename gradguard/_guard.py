@@ -392,8 +392,8 @@ class GradGuard(GuardHostSide, GuardReadout):
 
     def _refresh(self, binding: Binding) -> Binding:
         """Follow what changed since the last step; a few attribute reads when nothing did."""
-        if binding.depth is not None:
-            self._mirror.drain(block=True)  # rare: read the old layout's packets first
+        if binding.depth is not None and binding.depth.seen_any:
+            self._mirror.drain(block=True)  # once: read the old layout's packets first
             if binding.learn_depth(self.config):
                 self._depth_source = "forward"
         changed, moved = binding.outdated()
