@@ -53,7 +53,10 @@ def test_callback_rolls_back_under_the_trainers_scheduler(tmp_path: Path, optim:
     guard = callback.guard
     recovery = [e for e in guard.events if e.kind == "recovery"]
     assert recovery and recovery[0].details["action"] == "rollback"
-    assert recovery[0].details["snapshot_step"] == 2  # step 2: the last healthy snapshot
+    # Step 2 (0-based, as PoisonSteps counts) holds the last healthy snapshot; messages and
+    # details quote it as the Trainer shows it: global step 3.
+    assert recovery[0].details["snapshot_step"] == 3
+    assert "snapshot of step 3" in recovery[0].message
     assert guard.skipped_steps == 4  # three NaN steps and the step that rolled back
     # Step 6 rolled back: its weights are those step 2 started from, and it took no update.
     snapshot, after = poison.weights_before[2], poison.weights_after[6]
