@@ -23,7 +23,7 @@ from ._errors import GradGuardError
 from ._layers import LayerLayout, WatchedSet, discover_layers, merge_depth_order
 from ._norms import GradNormComputer
 from ._step import StepPipeline
-from .detect.base import Detector, GuardContext
+from .detect.base import Detector, GuardContext, same_step
 
 __all__ = ["Binding"]
 
@@ -92,7 +92,7 @@ class Binding:
             on_spike=config.on_spike,
             clip=config.clip,
             compiled=compiled,
-            shown_step=shown_step if shown_step is not None else _same_step,
+            shown_step=shown_step if shown_step is not None else same_step,
         )
         if config.clip is not None:
             # First: a strategy may reject the layout (AGC's exclude).
@@ -212,7 +212,3 @@ class Binding:
                 "call torch.__future__.set_swap_module_params_on_conversion(True) before it."
             )
         self.on_meta = False
-
-
-def _same_step(step: int) -> int:
-    return step

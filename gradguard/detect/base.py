@@ -55,6 +55,11 @@ __all__ = ["BATCH_STEPS", "Detector", "GuardContext"]
 BATCH_STEPS = 8
 
 
+def same_step(step: int) -> int:
+    """Guard step -> the step the user sees, when no adapter maps them: the same step."""
+    return step
+
+
 @dataclass(frozen=True)
 class GuardContext:
     """What a detector learns when it is bound: the model, its layers and the guard's
@@ -69,9 +74,9 @@ class GuardContext:
     on_spike: str
     clip: ClipStrategy | None
     compiled: bool = False
-    # Guard step -> the step the user sees (the sinks' step, e.g. the Trainer's global
-    # step): for steps quoted in messages.
-    shown_step: Callable[[int], int] = field(default=lambda step: step)
+    shown_step: Callable[[int], int] = field(default=same_step)
+    """Guard step -> the step the user sees (the sinks' step, e.g. the Trainer's global
+    step): use it for steps quoted in messages."""
 
     @property
     def clipping(self) -> str | None:
