@@ -23,28 +23,27 @@ _MODEL_WRAPPERS = {
 }
 
 
+def _wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``model`` and every module it wraps, outermost first (wrappers nest: Fabric around a
+    compiled model around DDP...)."""
+    chain = [model]
+    for _ in range(8):
+        attribute = _MODEL_WRAPPERS.get(type(chain[-1]).__name__)
+        inner = getattr(chain[-1], attribute, None) if attribute else None
+        if not isinstance(inner, nn.Module):
+            break
+        chain.append(inner)
+    return chain
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's module under DDP, DataParallel, Fabric and ``torch.compile`` wrappers."""
-    for _ in range(8):  # wrappers nest (Fabric around a compiled model around DDP...)
-        attribute = _MODEL_WRAPPERS.get(type(model).__name__)
-        inner = getattr(model, attribute, None) if attribute else None
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-    return model
+    return _wrapper_chain(model)[-1]
 
 
 def compile_wrapper(model: nn.Module) -> nn.Module | None:
     """The ``torch.compile`` wrapper (``OptimizedModule``) among the wrappers, if any."""
-    for _ in range(8):
-        if type(model).__name__ == "OptimizedModule":
-            return model
-        attribute = _MODEL_WRAPPERS.get(type(model).__name__)
-        inner = getattr(model, attribute, None) if attribute else None
-        if not isinstance(inner, nn.Module):
-            return None
-        model = inner
-    return None
+    return next((m for m in _wrapper_chain(model) if type(m).__name__ == "OptimizedModule"), None)
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
