@@ -107,13 +107,14 @@ class GradGuard(GuardHostSide, GuardReadout):
         if config.activations is not None:
             self._detectors.append(config.activations)
         # Detectors that look at every step (the base class's on_step finds nothing).
-        looking = [d for d in self._detectors if type(d).on_step is not Detector.on_step]
+        stepping = [d for d in self._detectors if d.every_step()]
+        looking = [d for d in stepping if type(d).on_step is not Detector.on_step]
         self._step_detectors = [d for d in looking if not d.batched]
         self._batched_detectors = [d for d in looking if d.batched]
         self._batch: list[StepStats] = []
         # ...and those that want to hear when a step ends (the others do nothing there).
         self._step_end_detectors = [
-            d for d in self._detectors if type(d).on_step_end is not Detector.on_step_end
+            d for d in stepping if type(d).on_step_end is not Detector.on_step_end
         ]
         self._step = 0
         self._skipped_steps = 0

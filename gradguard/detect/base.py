@@ -107,6 +107,13 @@ class Detector(OwnedByOneGuard):
         """Called at detach: drop hooks and references to the model."""
         self.context = None
 
+    def every_step(self) -> bool:
+        """Whether ``on_step`` and ``on_step_end`` have work for this instance (asked once,
+        when the guard is built: it calls neither when not). By default, whether the class
+        overrides them; a detector whose options leave them idle says False."""
+        cls = type(self)
+        return cls.on_step is not Detector.on_step or cls.on_step_end is not Detector.on_step_end
+
     def on_step(self, stats: StepStats) -> list[Finding]:
         """Every optimizer step (host values, at most one step late)."""
         del stats

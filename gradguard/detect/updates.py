@@ -112,6 +112,10 @@ class UpdateSpikeDetector(Detector):
         super().unbind()
 
     # ------------------------------------------------------------------ per-step measuring
+    def every_step(self) -> bool:
+        """Only with ``every_n_steps``: by default it reads the logging steps' ratios."""
+        return self.every_n_steps is not None
+
     def on_step_end(self, next_step: int) -> None:
         k = self.every_n_steps
         context = self.context
