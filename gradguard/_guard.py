@@ -24,7 +24,13 @@ from ._binding import Binding
 from ._config import GuardConfig, GuardOptions
 from ._debounce import Finding
 from ._dist import distributed, is_rank_zero
-from ._errors import ConfigurationError, GradGuardError, GradGuardWarning, GradientAlarmError
+from ._errors import (
+    ConfigurationError,
+    GradGuardError,
+    GradGuardWarning,
+    GradientAlarmError,
+    user_stacklevel,
+)
 from ._hooks import register_step_hooks
 from ._hostside import GuardHostSide
 from ._keys import MetricKeys
@@ -219,7 +225,7 @@ class GradGuard(GuardHostSide, GuardReadout):
                 "model does not own: gradguard cannot watch them (they are in no norm, clip or "
                 "NaN check). Attach to the model that owns every parameter the optimizer updates.",
                 GradGuardWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         return self
 

@@ -30,7 +30,13 @@ from typing import Any, Literal
 import torch
 
 from ._dist import is_rank_zero, local_tensor
-from ._errors import ConfigurationError, GradGuardWarning, check_choice, check_positive_int
+from ._errors import (
+    ConfigurationError,
+    GradGuardWarning,
+    check_choice,
+    check_positive_int,
+    user_stacklevel,
+)
 from ._layers import LayerLayout
 from ._stats import GRAD_HISTOGRAM, PARAM_HISTOGRAM
 from .detect.base import Detector, GuardContext
@@ -162,7 +168,7 @@ class Histograms(Detector):
                 f"(the layers are: {shown}); "
                 + ("no layer is histogrammed." if not chosen else f"{len(chosen)} are."),
                 GradGuardWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         self._selection = (names, chosen)
         return chosen

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._debounce import Debouncer
-from ._errors import ConfigurationError, GradGuardWarning
+from ._errors import ConfigurationError, GradGuardWarning, user_stacklevel
 from ._ratelimit import RateLimiter
 
 if TYPE_CHECKING:
@@ -214,7 +214,7 @@ class StateSchema:
             warnings.warn(
                 "the GradGuard state was saved for other layers; per-layer state starts fresh",
                 GradGuardWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
         guard._step = state["step"]
         guard._skipped_steps = state["skipped_steps"]
@@ -228,7 +228,7 @@ class StateSchema:
                     f"the GradGuard state was saved with clip={saved_type}, this guard clips with "
                     f"{type(clip).__name__}: its clip state starts fresh",
                     GradGuardWarning,
-                    stacklevel=4,
+                    stacklevel=user_stacklevel(),
                 )
             else:
                 clip.load_state_dict(dict(state["clip"]))

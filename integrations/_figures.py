@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradguard._dist import is_rank_zero
-from gradguard._errors import GradGuardWarning, MissingDependencyError
+from gradguard._errors import GradGuardWarning, MissingDependencyError, user_stacklevel
 from gradguard._keys import StepMetrics
 from gradguard._stats import CLIP_THRESHOLD, Histogram
 from gradguard.report.advice import fmt
@@ -69,7 +69,7 @@ def figures_available(sink: str, extra: str, kept: str) -> bool:
                 f"matplotlib is not installed; pip install 'gradguard[{extra}]' brings it. "
                 f"{kept} are written as usual.",
                 GradGuardWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         return False
     return True

@@ -56,6 +56,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import Unpack
 
 import gradguard as gg
+from gradguard._errors import user_stacklevel
 
 __all__ = ["GradGuardCallback"]
 
@@ -337,7 +338,7 @@ class GradGuardCallback(_CallbackBase):
                     "GradGuardCallback found no optimizer (configure_optimizers returned none): "
                     "it watches nothing in this run",
                     gg.GradGuardWarning,
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),
                 )
             return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -350,7 +351,7 @@ class GradGuardCallback(_CallbackBase):
                 f"the checkpoint holds gradguard state for {len(states)} optimizer(s), this run "
                 f"has {len(guards)}: the state is restored in order, for as many as match",
                 gg.GradGuardWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         loggers = list(trainer.loggers) if trainer.is_global_zero else []
         for index, (optimizer, guard) in enumerate(zip(optimizers, guards)):

@@ -82,6 +82,7 @@ from gradguard._errors import (
     MissingDependencyError,
     check_number,
     check_positive_int,
+    user_stacklevel,
 )
 from gradguard._events import Event
 from gradguard._keys import MetricKeys
@@ -370,7 +371,7 @@ class MlflowSink:
 
     def _check_writer(self) -> None:
         while self._notices:
-            warnings.warn(self._notices.popleft(), GradGuardWarning, stacklevel=3)
+            warnings.warn(self._notices.popleft(), GradGuardWarning, stacklevel=user_stacklevel())
         error = self._writer.error
         if error is not None:
             self._fail(f"MLflow refused gradguard's write ({type(error).__name__}: {error})", error)
@@ -411,7 +412,7 @@ class MlflowSink:
         warnings.warn(
             f"MlflowSink renamed metric keys that MLflow would refuse: {shown}{more}.",
             GradGuardWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
     def _queue_events_file(self) -> None:

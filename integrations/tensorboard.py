@@ -58,6 +58,7 @@ from gradguard._errors import (
     GradGuardWarning,
     MissingDependencyError,
     check_positive_int,
+    user_stacklevel,
 )
 from gradguard._events import Event
 from gradguard._keys import TOTAL_NORM, MetricKeys, StepMetrics
@@ -380,7 +381,7 @@ class TensorBoardSink:
                 f"gradguard could not draw the gradient-flow figures ({type(error).__name__}: "
                 f"{error}); TensorBoardSink goes on without figures.",
                 GradGuardWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
             return
         for name, image in (("gradient_flow", bars), ("gradient_flow_heatmap", heatmap)):

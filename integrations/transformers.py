@@ -68,6 +68,7 @@ from typing_extensions import Unpack
 
 import gradguard as gg
 from gradguard._dist import is_rank_zero
+from gradguard._errors import user_stacklevel
 
 from ._trainer_logs import TrainerLogs, logging_interval, trainer_logs_after
 
@@ -368,7 +369,7 @@ class GradGuardCallback(_CallbackBase):
             return
         self._said.add(key)
         if warn:
-            warnings.warn(text, gg.GradGuardWarning, stacklevel=3)
+            warnings.warn(text, gg.GradGuardWarning, stacklevel=user_stacklevel())
         else:
             log.info("%s", text)
 

@@ -56,6 +56,7 @@ from gradguard._errors import (
     check_choice,
     check_number,
     check_positive_int,
+    user_stacklevel,
 )
 from gradguard._events import Event
 from gradguard._keys import TOTAL_NORM, MetricKeys, StepMetrics
@@ -239,7 +240,7 @@ class WandbSink:
                 f"gradguard could not send a W&B alert ({type(error).__name__}: {error}); "
                 "WandbSink goes on logging metrics without alerts.",
                 GradGuardWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
             return
         self.alerts.append({"title": event.title, "text": text, "level": level.value})
@@ -328,7 +329,7 @@ class WandbSink:
                 f"gradguard could not draw the gradient-flow figures ({type(error).__name__}: "
                 f"{error}); WandbSink goes on without figures.",
                 GradGuardWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
             return {}
         image = self._wandb.Image

@@ -29,7 +29,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .._debounce import Finding
-from .._errors import ConfigurationError, GradGuardWarning, check_number, check_positive_int
+from .._errors import (
+    ConfigurationError,
+    GradGuardWarning,
+    check_number,
+    check_positive_int,
+    user_stacklevel,
+)
 from .._stats import LoggedStats
 from ..detect.base import Detector, GuardContext
 from ..report.causes import INPUT_RMS_LIMIT, INPUT_SPREAD_LIMIT
@@ -275,7 +281,7 @@ class ActivationMonitor(Detector):
                     "and removing hooks would force recompilations. Gradients are still "
                     "watched; pass activations=False to silence this warning.",
                     GradGuardWarning,
-                    stacklevel=5,
+                    stacklevel=user_stacklevel(),
                 )
             return
         self._collecting = True
